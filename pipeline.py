@@ -1,0 +1,133 @@
+"""The text-to-image pipeline: tokenizer -> CLIP text -> DDIM over the UNet -> VAE decode."""
+import warnings
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .hooks import StepContext
+from .schedulers import DDIMConfig, sample
+
+
+class StableDiffusion:
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: DDIMConfig, default_size: int = 512):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler, self.default_size = scheduler, default_size
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_factor(self):
+        return 2 ** (len(self.vae.cfg.ch_mult) - 1)
+
+    # ---- building blocks ----
+    def tokenize(self, prompts: List[str]) -> torch.Tensor:
+        n = self.text_encoder.cfg.max_positions
+        for p in prompts:
+            ids = self.tokenizer(p).input_ids
+            if len(ids) > n:
+                warnings.warn(f"prompt is {len(ids)} tokens, longer than {n}; truncated to: "
+                              f"{self.tokenizer.decode(ids[1:n - 1])!r}")
+        ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Union[str, List[str]]) -> torch.Tensor:
+        """Prompts -> [B, 77, D] text embeddings, the UNet's cross-attention context."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.text_encoder(self.tokenize(prompts))
+
+    @torch.no_grad()
+    def encode_image(self, image) -> torch.Tensor:
+        """PIL image(s) or a [B,3,H,W] tensor in [0,1] -> diffusion-space latents (posterior mean x scale)."""
+        x = to_tensor(image).to(self.device, torch.float32)
+        f = self.latent_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {f}; crop or resize it")
+        mean, _ = self.vae.encode(2 * x - 1)
+        return mean * self.vae.cfg.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Diffusion-space latents -> images [B,3,H,W] in [0,1]. The VAE always runs in float32,
+        because its decoder overflows fp16 on some inputs (NaN images)."""
+        x = self.vae.decode(z.to(torch.float32) / self.vae.cfg.scaling_factor)
+        return (x / 2 + 0.5).clamp(0, 1)
+
+    def check_size(self, height, width):
+        height, width = height or self.default_size, width or self.default_size
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+        return height, width
+
+    def denoiser(self, context: torch.Tensor, guidance_scale: float, num_steps: int, rows: Optional[dict] = None):
+        """A `denoise(x, t, step)` for the sampler: one UNet call with classifier-free guidance.
+
+        `context` holds the unconditional rows first, then the conditional ones (Ho & Salimans
+        2022: eps = eps_u + w (eps_c - eps_u)). It sets the hook context before each call: the
+        sampler's step is the only place the step is known.
+        """
+        n = context.shape[0] // 2 if guidance_scale != 1.0 else 0
+        rows = rows or ({"uncond": list(range(n)), "cond": list(range(n, 2 * n))} if n else
+                        {"cond": list(range(context.shape[0]))})
+
+        def denoise(x, t, step):
+            self.unet.ctx = StepContext(step=step, t=int(t), num_steps=num_steps, rows=rows)
+            if not n:
+                return self.unet(x, t, context)
+            out = self.unet(torch.cat([x, x]), t, context)
+            u, c = out.chunk(2)
+            return u + guidance_scale * (c - u)
+        return denoise
+
+    # ---- generation ----
+    @torch.no_grad()
+    def generate(self, prompt, *, negative_prompt=None, steps=50, guidance_scale=7.5, eta=0.0, seed=None,
+                 latents=None, height=None, width=None, output="pil", progress=True):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output must be 'pil' or 'tensor', not {output!r}")
+        height, width = self.check_size(height, width)
+        b = len(prompts)
+        neg = negative_prompt if negative_prompt is not None else ""
+        neg = [neg] * b if isinstance(neg, str) else list(neg)
+        if len(neg) != b:
+            raise ValueError(f"{len(neg)} negative prompts for {b} prompts; give one, or one per prompt")
+        cond = self.encode_prompt(prompts)
+        context = torch.cat([self.encode_prompt(neg), cond]) if guidance_scale != 1.0 else cond
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        f = self.latent_factor
+        shape = (b, self.unet.cfg.in_channels, height // f, width // f)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        x = latents.to(self.device, self.dtype)
+        try:
+            x = sample(self.denoiser(context, guidance_scale, steps), x, self.scheduler, steps, eta, generator,
+                       progress=progress)
+        finally:
+            self.unet.ctx = None
+        images = self.decode_latents(x)
+        return images.cpu() if output == "tensor" else to_pil(images)
+
+
+def to_tensor(image) -> torch.Tensor:
+    """PIL image / list of them / [B,3,H,W] or [3,H,W] tensor in [0,1] -> [B,3,H,W] float."""
+    if isinstance(image, torch.Tensor):
+        return image[None] if image.ndim == 3 else image
+    images = image if isinstance(image, (list, tuple)) else [image]
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    arr = (images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]

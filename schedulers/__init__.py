@@ -1,0 +1,1 @@
+from .ddim import DDIMConfig, alphas_cumprod, ddim_invert_step, ddim_step, invert, sample, timesteps

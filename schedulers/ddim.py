@@ -1,0 +1,134 @@
+"""DDIM (Song et al., "Denoising Diffusion Implicit Models", ICLR 2021) as plain functions.
+
+The noise schedule and timestep spacing are those of SD's scheduler config: "scaled_linear"
+betas from 0.00085 to 0.012 over 1000 steps, "leading" spacing with `steps_offset` 1, and
+`set_alpha_to_one` False. Notation: a_t = alpha-bar_t, the cumulative product of (1 - beta).
+"""
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class DDIMConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    prediction_type: str = "epsilon"  # or "v_prediction" (Salimans & Ho 2022)
+
+
+def alphas_cumprod(cfg: DDIMConfig) -> torch.Tensor:
+    n = cfg.num_train_timesteps
+    if cfg.beta_schedule == "scaled_linear":  # linear in sqrt(beta), LDM's "linear" schedule
+        betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, n, dtype=torch.float32) ** 2
+    elif cfg.beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported; use 'scaled_linear' or 'linear'")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def timesteps(cfg: DDIMConfig, steps: int) -> List[int]:
+    """Descending timesteps with "leading" spacing: 981, 961, ..., 1 for 50 steps."""
+    if not 1 <= steps <= cfg.num_train_timesteps:
+        raise ValueError(f"steps must be between 1 and {cfg.num_train_timesteps}, got {steps}")
+    ratio = cfg.num_train_timesteps // steps
+    return [i * ratio + cfg.steps_offset for i in reversed(range(steps))]
+
+
+def alpha_at(cfg: DDIMConfig, acp: torch.Tensor, t: int) -> float:
+    """a_t, with the convention that t < 0 means "before the first step" (the clean image)."""
+    if t >= 0:
+        return acp[t].item()
+    return 1.0 if cfg.set_alpha_to_one else acp[0].item()
+
+
+def split_prediction(cfg: DDIMConfig, out: torch.Tensor, x: torch.Tensor, a: float):
+    """The network output -> (predicted x0, predicted eps), from x_t = sqrt(a) x0 + sqrt(1-a) eps."""
+    if cfg.prediction_type == "epsilon":
+        eps = out
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+    elif cfg.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
+        x0 = a ** 0.5 * x - (1 - a) ** 0.5 * out
+        eps = a ** 0.5 * out + (1 - a) ** 0.5 * x
+    else:
+        raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'")
+    return x0, eps
+
+
+def ddim_step(cfg, acp, out, t, t_prev, x, eta=0.0, noise=None):
+    """x_t -> x_{t_prev}, DDIM eq. (12):
+
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+    sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (eq. 16)
+    """
+    a, a_prev = alpha_at(cfg, acp, t), alpha_at(cfg, acp, t_prev)
+    x0, eps = split_prediction(cfg, out, x, a)
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+    x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+    if sigma > 0:
+        x_prev = x_prev + sigma * (noise if noise is not None else torch.randn_like(x))
+    return x_prev
+
+
+def ddim_invert_step(cfg, acp, out, t_prev, t, x):
+    """x_{t_prev} -> x_t: the deterministic DDIM step run backwards (eta = 0).
+
+    Uses the prediction made at x_{t_prev} as if it were made at x_t (the approximation of DDIM
+    sec. 4.3, and of the Prompt-to-Prompt null-text code), which is exact as steps -> infinity.
+    """
+    a_prev, a = alpha_at(cfg, acp, t_prev), alpha_at(cfg, acp, t)
+    x0, eps = split_prediction(cfg, out, x, a_prev)
+    return a ** 0.5 * x0 + (1 - a) ** 0.5 * eps
+
+
+def sample(denoise: Callable, x: torch.Tensor, cfg: DDIMConfig, steps: int, eta: float = 0.0,
+           generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None,
+           progress: bool = False) -> torch.Tensor:
+    """Run DDIM from x_T. `denoise(x, t, step)` returns the model output (eps or v) at x.
+
+    `callback(step, t, x)` may return a tensor that replaces x after each step (local blend
+    and similar latent edits use this).
+    """
+    acp = alphas_cumprod(cfg)
+    ts = timesteps(cfg, steps)
+    ratio = cfg.num_train_timesteps // steps
+    it = enumerate(ts)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, total=steps, desc="DDIM", leave=False)
+    for i, t in it:
+        out = denoise(x, t, i)
+        noise = None
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device,
+                                dtype=x.dtype).to(x.device)
+        x = ddim_step(cfg, acp, out, t, t - ratio, x, eta, noise)
+        if callback is not None:
+            y = callback(i, t, x)
+            x = x if y is None else y
+    return x
+
+
+def invert(denoise: Callable, x0: torch.Tensor, cfg: DDIMConfig, steps: int, progress: bool = False) -> List[torch.Tensor]:
+    """DDIM inversion: clean latents -> [x_0, x_{t_1}, ..., x_T], ascending in noise.
+
+    `denoise(x, t, step)` is called at each target timestep t with the current latent.
+    """
+    acp = alphas_cumprod(cfg)
+    ts = list(reversed(timesteps(cfg, steps)))
+    ratio = cfg.num_train_timesteps // steps
+    xs, x = [x0], x0
+    it = enumerate(ts)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, total=steps, desc="DDIM inversion", leave=False)
+    for i, t in it:
+        out = denoise(x, t, steps - 1 - i)
+        x = ddim_invert_step(cfg, acp, out, t - ratio, t, x)
+        xs.append(x)
+    return xs

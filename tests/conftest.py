@@ -1,0 +1,78 @@
+"""Fixtures: small random SD models in the exact public layouts, built with diffusers and
+transformers (the oracles), saved as diffusers folders and as original single-file checkpoints."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "clip_tokenizer")
+
+# Topologies that keep every structural feature of the real ones (4 levels, 2 ResBlocks per level,
+# no attention at the deepest level, conv vs linear proj_in, heads 8 vs head_dim 64), at tiny widths.
+SPECS = {
+    "sd1": dict(unet=dict(block_out_channels=(32, 64, 64, 64), attention_head_dim=8, cross_attention_dim=64),
+                text=dict(hidden_size=64, num_attention_heads=1, intermediate_size=128, hidden_act="quick_gelu",
+                          num_hidden_layers=2, pad_token_id=1, bos_token_id=49406, eos_token_id=49407),
+                prediction="epsilon", pad=None),
+    "sd2v": dict(unet=dict(block_out_channels=(64, 64, 128, 128), attention_head_dim=(1, 1, 2, 2), cross_attention_dim=128,
+                           use_linear_projection=True, upcast_attention=True),
+                 text=dict(hidden_size=128, num_attention_heads=2, intermediate_size=256, hidden_act="gelu",
+                           num_hidden_layers=2, pad_token_id=1, bos_token_id=49406, eos_token_id=49407),
+                 prediction="v_prediction", pad="!"),
+}
+
+
+def build_pipeline(kind, seed=0):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    spec = SPECS[kind]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **spec["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                        block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=64)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **spec["text"]))
+    # Random init leaves some parameters at exact 0/1 (norms, biases); perturb all so every key matters.
+    for m in (unet, vae, text):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    tok = CLIPTokenizer.from_pretrained(TOKENIZER, **({"pad_token": spec["pad"]} if spec["pad"] else {}))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=spec["prediction"])
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False).to(torch.float32)
+
+
+def save_fixture(pipe, kind, root):
+    """Writes root/folder (diffusers layout) and root/model.safetensors (original layout)."""
+    from safetensors.torch import save_file
+    from sdlens.weights import to_single_file
+    from sdlens.weights.load import configs_from_diffusers
+    folder = os.path.join(root, "folder")
+    pipe.save_pretrained(folder, safe_serialization=True)
+    ucfg, vcfg, _ = configs_from_diffusers(dict(pipe.unet.config), dict(pipe.vae.config), pipe.text_encoder.config.to_dict())
+    sd = to_single_file(pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(), ucfg, vcfg,
+                        openclip=kind.startswith("sd2"))
+    if kind.startswith("sd2"):
+        # Real SD 2 files carry a 24th OpenCLIP block that SD never uses, and the projection: add both.
+        last = pipe.text_encoder.config.num_hidden_layers
+        for k in [k for k in sd if ".resblocks.0." in k]:
+            sd[k.replace(".resblocks.0.", f".resblocks.{last}.")] = torch.randn_like(sd[k])
+        sd["cond_stage_model.model.text_projection"] = torch.randn(128, 128)
+    sd["alphas_cumprod"] = pipe.scheduler.alphas_cumprod.clone()  # a DDPM buffer, harmless by rule
+    path = os.path.join(root, "model.safetensors")
+    save_file(sd, path)
+    return folder, path
+
+
+@pytest.fixture(scope="session", params=list(SPECS))
+def fixture(request, tmp_path_factory):
+    kind = request.param
+    pipe = build_pipeline(kind)
+    folder, path = save_fixture(pipe, kind, str(tmp_path_factory.mktemp(kind)))
+    return dict(kind=kind, pipe=pipe, folder=folder, single=path)

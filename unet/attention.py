@@ -1,0 +1,121 @@
+"""Attention, the transformer block and the spatial transformer of the SD UNet.
+
+Names follow CompVis `ldm/modules/attention.py` (`attn1` self-, `attn2` cross-attention,
+`to_q/to_k/to_v/to_out.0`, `ff.net.0.proj`, `ff.net.2`), so checkpoints load without renaming.
+"""
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..hooks import HookPoint
+
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention when `context` is None, cross-attention otherwise.
+
+    The explicit `softmax(q k^T / sqrt(d)) v` is the reference path; it runs only when a hook is
+    attached to `hook_probs`, because only then must the [batch, heads, queries, keys] matrix
+    exist. Otherwise `F.scaled_dot_product_attention` computes the same thing without it.
+    """
+
+    def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, upcast=False):
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads, self.scale, self.upcast = heads, head_dim ** -0.5, upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_probs, self.hook_out = HookPoint(), HookPoint()
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        q = self.hook_q(split(self.to_q(x)))
+        k = self.hook_k(split(self.to_k(context)))
+        v = self.hook_v(split(self.to_v(context)))
+        if self.hook_probs.fns:
+            if self.upcast:  # SD 2.1-v overflows fp16 in q k^T; the original upcasts here
+                q, k = q.float(), k.float()
+            scores = (q @ k.transpose(-1, -2)) * self.scale
+            probs = self.hook_probs(scores.softmax(dim=-1).to(v.dtype))
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # fp32 accumulation, no upcast needed
+        return self.hook_out(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer 2020): one projection gives the value and the gate."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the text, feed-forward."""
+
+    def __init__(self, dim, heads, head_dim, context_dim, upcast=False):
+        super().__init__()
+        self.attn1 = Attention(dim, None, heads, head_dim, upcast)
+        self.ff = FeedForward(dim)
+        self.attn2 = Attention(dim, context_dim, heads, head_dim, upcast)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Image features [B,C,H,W] -> tokens [B,HW,C] -> transformer block -> back, plus a residual.
+
+    SD 1 projects in and out with 1x1 convolutions, SD 2 with Linear layers on the tokens (the
+    same map, stored with a different weight shape).
+    """
+
+    def __init__(self, channels, heads, context_dim, linear=False, upcast=False, groups=32):
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, heads, channels // heads, context_dim, upcast)])
+        self.proj_out = proj()
+        self.hook_out = HookPoint()
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        if not self.linear:
+            y = self.proj_in(y)
+        y = rearrange(y, "b c h w -> b (h w) c")
+        if self.linear:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear:
+            y = self.proj_out(y)
+        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+        if not self.linear:
+            y = self.proj_out(y)
+        return self.hook_out(x + y)

@@ -1,0 +1,313 @@
+"""Strict loading of SD weights: single-file safetensors checkpoints and diffusers folders.
+
+Models are built on the meta device (no memory), then each tensor is read from the
+memory-mapped file, cast and assigned in place, so at most one copy of the weights exists.
+Every parameter must be filled and every key used; only known harmless extras are skipped.
+"""
+import json
+import os
+import re
+import warnings
+
+import torch
+
+from ..schedulers import DDIMConfig
+from ..text import CLIPTextEncoder, TextConfig
+from ..unet import UNetConfig, UNetModel
+from ..vae import AutoencoderKL, VAEConfig
+from .convert import TEXT_SD1, TEXT_SD2, UNET, VAE, text_from_openclip, unet_to_diffusers, vae_to_diffusers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER_DIR = os.path.join(HERE, "clip_tokenizer")
+TINY_DIR = os.path.join(HERE, "sdlens-tiny")
+PICKLE_EXT = (".ckpt", ".pt", ".pth", ".bin")
+# DDPM training buffers that LDM saves next to the model (ldm/models/diffusion/ddpm.py).
+DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1",
+                "posterior_mean_coef2", "logvar"}
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded; the message is one line and says what to do."""
+
+
+class TensorFile:
+    """Shapes of all tensors in a file, and each tensor on demand (memory-mapped)."""
+
+    def __init__(self, path, allow_pickle=False):
+        self.path = path
+        if not os.path.isfile(path):
+            raise WeightsError(f"{path}: no such file")
+        if os.path.getsize(path) == 0:
+            raise WeightsError(f"{path}: the file is empty; download it again")
+        if path.endswith(PICKLE_EXT):
+            if not allow_pickle:
+                raise WeightsError(f"{path}: pickled checkpoints can run arbitrary code when loaded; use the "
+                                   ".safetensors version, or pass allow_pickle=True (--allow-pickle) if you trust it")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise WeightsError(f"{path}: cannot read the pickled checkpoint ({_short(e)})") from None
+            obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
+            if not isinstance(obj, dict):
+                raise WeightsError(f"{path}: the pickle holds no state dict")
+            self._sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            self.shapes = {k: tuple(v.shape) for k, v in self._sd.items()}
+            self.get = self._sd.__getitem__
+            return
+        from safetensors import safe_open
+        try:
+            self._f = safe_open(path, framework="pt", device="cpu")
+            self.shapes = {k: tuple(self._f.get_slice(k).get_shape()) for k in self._f.keys()}
+        except Exception as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({_short(e)}); it is truncated or "
+                               "corrupt: download it again") from None
+        self.get = self._get
+
+    def _get(self, key):
+        try:
+            return self._f.get_tensor(key)
+        except Exception as e:
+            raise WeightsError(f"{self.path}: cannot read tensor {key} ({_short(e)}); the file is corrupt") from None
+
+
+def _short(e):
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+def fill(model, source, what, where, dtype, device):
+    """Assign `source` ({our key: (shape, getter)}) into a meta-device model, strictly."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in source]
+    unexpected = [k for k in source if k not in expected]
+    wrong = [f"{k}: file {source[k][0]} vs model {expected[k]}" for k in expected
+             if k in source and tuple(source[k][0]) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", wrong)):
+            if items:
+                parts.append(f"{len(items)} {name} (first: {', '.join(items[:3])})")
+        raise WeightsError(f"{where}: does not match the {what} it looks like: {'; '.join(parts)}")
+    sd = {k: source[k][1]().to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _level_count(shapes, pattern):
+    return 1 + max((int(m.group(1)) for k in shapes for m in [re.match(pattern, k)] if m), default=-1)
+
+
+def detect_single_file(tf):
+    """Keys and shapes -> (family, UNetConfig, VAEConfig, TextConfig)."""
+    s, p = tf.shapes, tf.path
+    if any(k.startswith("conditioner.embedders") for k in s):
+        raise WeightsError(f"{p}: this is an SDXL checkpoint; sdlens loads SD 1.x and 2.x only")
+    if UNET + "input_blocks.0.0.weight" not in s:
+        raise WeightsError(f"{p}: no Stable Diffusion UNet (model.diffusion_model.*) in this file; "
+                           "pass an SD 1.x/2.x checkpoint or a diffusers folder")
+    if TEXT_SD1 + "text_model.embeddings.token_embedding.weight" in s:
+        family = "SD 1.x"
+    elif TEXT_SD2 + "token_embedding.weight" in s:
+        family = "SD 2.x"
+    else:
+        raise WeightsError(f"{p}: the UNet is there but no CLIP text encoder (cond_stage_model.*); "
+                           "this is not a full SD 1.x/2.x checkpoint")
+    mc, cin = s[UNET + "input_blocks.0.0.weight"][:2]
+    downs = sorted(int(m.group(1)) for k in s for m in [re.match(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.weight", k)] if m)
+    n_in = _level_count(s, r"model\.diffusion_model\.input_blocks\.(\d+)\.")
+    R = downs[0] - 1 if downs else n_in - 1
+    levels = len(downs) + 1
+    mult = tuple(s[UNET + f"input_blocks.{1 + i * (R + 1)}.0.out_layers.3.weight"][0] // mc for i in range(levels))
+    attn = tuple(i for i in range(levels) if UNET + f"input_blocks.{1 + i * (R + 1)}.1.proj_in.weight" in s)
+    ctx = next(v[1] for k, v in s.items() if k.endswith("attn2.to_k.weight"))
+    linear = len(next(v for k, v in s.items() if k.endswith("proj_in.weight"))) == 2
+    sd2 = family == "SD 2.x"
+    unet = UNetConfig(in_channels=cin, out_channels=s[UNET + "out.2.weight"][0], model_channels=mc, channel_mult=mult,
+                      num_res_blocks=R, attention_levels=attn, context_dim=ctx, use_linear_in_transformer=linear,
+                      # v1-inference.yaml: num_heads 8; v2: num_head_channels 64. Upcasting is always safe.
+                      num_heads=tuple(m * mc // 64 for m in mult) if sd2 else (8,) * levels, upcast_attention=sd2)
+    ch = s[VAE + "encoder.conv_in.weight"][0]
+    vl = _level_count(s, r"first_stage_model\.encoder\.down\.(\d+)\.")
+    vae = VAEConfig(ch=ch, ch_mult=tuple(s[VAE + f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(vl)),
+                    num_res_blocks=_level_count(s, r"first_stage_model\.encoder\.down\.0\.block\.(\d+)\."),
+                    z_channels=s[VAE + "post_quant_conv.weight"][0], in_channels=s[VAE + "encoder.conv_in.weight"][1])
+    if sd2:
+        vocab, d = s[TEXT_SD2 + "token_embedding.weight"]
+        text = TextConfig(vocab_size=vocab, hidden_size=d, num_heads=d // 64, act="gelu",
+                          # SD 2 conditions on the penultimate layer (v2-inference.yaml: layer "penultimate")
+                          num_layers=_level_count(s, r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.") - 1,
+                          intermediate_size=s[TEXT_SD2 + "transformer.resblocks.0.mlp.c_fc.weight"][0],
+                          max_positions=s[TEXT_SD2 + "positional_embedding"][0])
+    else:
+        t = TEXT_SD1 + "text_model."
+        vocab, d = s[t + "embeddings.token_embedding.weight"]
+        text = TextConfig(vocab_size=vocab, hidden_size=d, num_heads=d // 64,
+                          num_layers=_level_count(s, r"cond_stage_model\.transformer\.text_model\.encoder\.layers\.(\d+)\."),
+                          intermediate_size=s[t + "encoder.layers.0.mlp.fc1.weight"][0],
+                          max_positions=s[t + "embeddings.position_embedding.weight"][0])
+    return family, unet, vae, text
+
+
+def _harmless(key, text_cfg):
+    if key in DDPM_BUFFERS or key.startswith("model_ema.") or key.endswith("position_ids"):
+        return True
+    if key in (TEXT_SD2 + "text_projection", TEXT_SD2 + "logit_scale"):
+        return True
+    m = re.match(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.", key)
+    return m is not None and int(m.group(1)) >= text_cfg.num_layers  # the unused last OpenCLIP block
+
+
+def _tokenizer(folder, pad_token=None):
+    from transformers import CLIPTokenizer
+    kwargs = {"pad_token": pad_token} if pad_token else {}
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+
+
+def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=False):
+    tf = TensorFile(path, allow_pickle)
+    family, ucfg, vcfg, tcfg = detect_single_file(tf)
+    groups = {"unet": {}, "vae": {}, "text": {}}
+    for key, shape in tf.shapes.items():
+        get = (lambda k: lambda: tf.get(k))(key)
+        if key.startswith(UNET):
+            groups["unet"][key[len(UNET):]] = (shape, get)
+        elif key.startswith(VAE):
+            groups["vae"][key[len(VAE):]] = (shape, get)
+        elif key.startswith(TEXT_SD1) and not _harmless(key, tcfg):
+            groups["text"][key[len(TEXT_SD1):]] = (shape, get)
+        elif key.startswith(TEXT_SD2) and not _harmless(key, tcfg):
+            sub = key[len(TEXT_SD2):]
+            if sub.endswith("in_proj_weight") or sub.endswith("in_proj_bias"):
+                for i, (k, _) in enumerate(text_from_openclip(sub, torch.empty(shape, device="meta"))):
+                    groups["text"][k] = ((shape[0] // 3,) + tuple(shape[1:]),
+                                         (lambda g, i: lambda: g().chunk(3, dim=0)[i])(get, i))
+            else:
+                k, _ = text_from_openclip(sub, None)[0]
+                groups["text"][k] = (shape, get)
+        elif not _harmless(key, tcfg):
+            groups["unet"]["<unknown> " + key] = (shape, get)  # reported as unexpected
+    sd2 = family == "SD 2.x"
+    if prediction_type is None:
+        prediction_type = "v_prediction" if sd2 else "epsilon"
+        if sd2:
+            print(f"sdlens: {os.path.basename(path)} is SD 2.x, assuming v-prediction (the 768-v models); "
+                  "pass prediction_type='epsilon' (--prediction-type epsilon) for the 512 base models")
+    with torch.device("meta"):
+        unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
+    where = f"{path} ({family} single file)"
+    return dict(
+        unet=fill(unet, groups["unet"], "SD UNet", where, dtype, device),
+        vae=fill(vae, groups["vae"], "VAE", where, torch.float32, device),
+        text_encoder=fill(text, groups["text"], "text encoder", where, dtype, device),
+        tokenizer=_tokenizer(TOKENIZER_DIR, "!" if sd2 else None),  # SD 2 pads with "!" (id 0)
+        scheduler=DDIMConfig(prediction_type=prediction_type),
+        default_size=768 if prediction_type == "v_prediction" else 512)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: missing; a diffusers folder needs model_index.json and unet/, vae/, "
+                           "text_encoder/, tokenizer/, scheduler/") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({_short(e)})") from None
+
+
+def _weights_file(folder, stem, allow_pickle):
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return TensorFile(path, allow_pickle)
+    raise WeightsError(f"{folder}: no {stem}.safetensors in this folder")
+
+
+def configs_from_diffusers(uc, vc, tc):
+    """The three config.json dicts of a diffusers folder -> our configs."""
+    unsupported = [k for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim") if uc.get(k)]
+    tl = uc.get("transformer_layers_per_block", 1)
+    if unsupported or tl not in (1, [1] * len(uc["block_out_channels"])) or uc.get("only_cross_attention"):
+        raise WeightsError(f"unet/config.json uses {unsupported or 'transformer_layers_per_block != 1'}; "
+                           "this is not an SD 1.x/2.x UNet")
+    boc = uc["block_out_channels"]
+    heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)  # diffusers' misnomer: it means heads
+    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(boc)
+    unet = UNetConfig(in_channels=uc["in_channels"], out_channels=uc["out_channels"], model_channels=boc[0],
+                      channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=uc["layers_per_block"],
+                      attention_levels=tuple(i for i, t in enumerate(uc["down_block_types"]) if "CrossAttn" in t),
+                      num_heads=heads, context_dim=uc["cross_attention_dim"],
+                      use_linear_in_transformer=bool(uc.get("use_linear_projection")),
+                      upcast_attention=bool(uc.get("upcast_attention")), norm_groups=uc.get("norm_num_groups", 32))
+    vb = vc["block_out_channels"]
+    vae = VAEConfig(ch=vb[0], ch_mult=tuple(c // vb[0] for c in vb), num_res_blocks=vc["layers_per_block"],
+                    z_channels=vc["latent_channels"], in_channels=vc.get("in_channels", 3),
+                    scaling_factor=vc.get("scaling_factor", 0.18215), norm_groups=vc.get("norm_num_groups", 32))
+    text = TextConfig(vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], num_layers=tc["num_hidden_layers"],
+                      num_heads=tc["num_attention_heads"], intermediate_size=tc["intermediate_size"],
+                      max_positions=tc["max_position_embeddings"], act=tc.get("hidden_act", "quick_gelu"))
+    return unet, vae, text
+
+
+def load_folder(folder, dtype, device, prediction_type=None, allow_pickle=False):
+    _read_json(os.path.join(folder, "model_index.json"))
+    j = lambda sub, name="config.json": _read_json(os.path.join(folder, sub, name))
+    try:
+        ucfg, vcfg, tcfg = configs_from_diffusers(j("unet"), j("vae"), j("text_encoder"))
+    except (KeyError, TypeError, AssertionError) as e:
+        raise WeightsError(f"{folder}: a config.json lacks or mangles a field ({_short(e)})") from None
+    sc = j("scheduler", "scheduler_config.json")
+    if sc.get("timestep_spacing", "leading") != "leading":
+        warnings.warn(f"scheduler_config.json asks for {sc['timestep_spacing']!r} spacing; sdlens' DDIM uses 'leading'")
+    fields = {k: sc[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                 "steps_offset", "set_alpha_to_one", "prediction_type") if k in sc}
+    if prediction_type:
+        fields["prediction_type"] = prediction_type
+    sched = DDIMConfig(**fields)
+    with torch.device("meta"):
+        unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
+    tensors = {}
+    for name, stem, model, to_theirs in (("unet", "diffusion_pytorch_model", unet, lambda k: unet_to_diffusers(k, ucfg)),
+                                         ("vae", "diffusion_pytorch_model", vae, lambda k: vae_to_diffusers(k, vcfg)),
+                                         ("text_encoder", "model", text, None)):
+        tf = _weights_file(os.path.join(folder, name), stem, allow_pickle)
+        ours = {k: (to_theirs(k) if to_theirs else k) for k in model.state_dict()}
+        if to_theirs is None:  # transformers may save CLIPTextModel without the text_model. prefix
+            if not any(k.startswith("text_model.") for k in tf.shapes):
+                ours = {k: k[len("text_model."):] for k in ours}
+        theirs = {v: k for k, v in ours.items()}
+        src = {}
+        for key, shape in tf.shapes.items():
+            if key.endswith("position_ids"):
+                continue
+            get = (lambda f, k: lambda: f.get(k))(tf, key)
+            if name == "vae" and ".mid.attn_1." in theirs.get(key, "") and len(shape) == 2:
+                shape, get = shape + (1, 1), (lambda g: lambda: g()[:, :, None, None])(get)  # Linear -> 1x1 conv
+            src[theirs.get(key, key)] = (shape, get)
+        tensors[name] = src
+    where = f"{folder} (diffusers folder)"
+    return dict(
+        unet=fill(unet, tensors["unet"], "SD UNet", where + "/unet", dtype, device),
+        vae=fill(vae, tensors["vae"], "VAE", where + "/vae", torch.float32, device),
+        text_encoder=fill(text, tensors["text_encoder"], "text encoder", where + "/text_encoder", dtype, device),
+        tokenizer=_tokenizer(os.path.join(folder, "tokenizer")),
+        scheduler=sched,
+        default_size=j("unet").get("sample_size", 64) * 2 ** (len(vcfg.ch_mult) - 1))
+
+
+def load_components(source=None, *, device="cpu", dtype=torch.float32, prediction_type=None, allow_pickle=False):
+    """Dispatch on the source: None (bundled sdlens-tiny), a folder, or a single file."""
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise WeightsError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    if source is None:
+        if not os.path.isfile(os.path.join(TINY_DIR, "model_index.json")):
+            raise WeightsError("the bundled sdlens-tiny model is not in this install (weights/sdlens-tiny); "
+                               "pass a checkpoint path or a diffusers folder")
+        source = TINY_DIR
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        return load_folder(source, dtype, device, prediction_type, allow_pickle)
+    if not os.path.exists(source):
+        raise WeightsError(f"{source}: no such file or folder")
+    return load_single_file(source, dtype, device, prediction_type, allow_pickle)
