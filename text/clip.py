@@ -22,11 +22,11 @@ class TextConfig:
     intermediate_size: int = 3072
     max_positions: int = 77
     act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP ViT-H uses "gelu"
-    pad_token_id: int = 49407  # SD 1 pads with <|endoftext|>, SD 2 with "!" (id 0)
+    # Padding is the tokenizer's business: SD 1 pads with <|endoftext|>, SD 2 with "!" (id 0).
 
 
 SD1 = TextConfig()
-SD2 = TextConfig(hidden_size=1024, num_layers=23, num_heads=16, intermediate_size=4096, act="gelu", pad_token_id=0)
+SD2 = TextConfig(hidden_size=1024, num_layers=23, num_heads=16, intermediate_size=4096, act="gelu")
 
 
 def quick_gelu(x):
