@@ -1,0 +1,160 @@
+"""Train sdlens-tiny: the production UNet, VAE and CLIP text classes at tiny widths, on rendered
+scenes. Seeded and reproducible; logs progress and losses; writes a diffusers folder.
+
+    python -m sdlens.tiny.train --out weights/sdlens-tiny            # CPU, within 90 min on 2 cores
+    python -m sdlens.tiny.train --out /tmp/t --vae-steps 50 --unet-steps 50   # smoke run
+
+Stage 1 trains the VAE (reconstruction + a KL weight of 1e-6, as LDM's KL-f8 config). Stage 2
+encodes a fixed set of scenes once and trains the UNet and text encoder together on the SD
+noise-prediction loss (DDPM eq. 14 with SD's scaled-linear schedule), dropping 10% of captions
+so that classifier-free guidance works, and keeps an EMA of the weights for export.
+"""
+import argparse
+import copy
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..pipeline import StableDiffusion
+from ..schedulers import DDIMConfig, alphas_cumprod
+from ..text import CLIPTextEncoder, TextConfig
+from ..unet import UNetConfig, UNetModel
+from ..vae import AutoencoderKL, VAEConfig
+from ..weights.load import TOKENIZER_DIR, _tokenizer
+from ..weights.save import save_folder
+from .scenes import SIZE, random_scene, render
+
+# Cross-attention at 16x16 and 8x8 (and the 4x4 middle); 2 ResBlocks per level as in SD, so the
+# block numbering (output_blocks.N) reads like SD's.
+UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
+                  num_heads=(2, 2, 2), context_dim=128, norm_groups=16)
+VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, norm_groups=16)  # 64 px -> 16x16x4
+TEXT = TextConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512)
+
+
+def batch_images(rng, n):
+    scenes = [random_scene(rng) for _ in range(n)]
+    arr = np.stack([np.asarray(render(s, rng), dtype=np.float32) / 127.5 - 1 for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2), [s.caption for s in scenes]
+
+
+def log(msg, t0):
+    print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
+
+
+def train_vae(steps, batch, seed, t0):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = AutoencoderKL(VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    run = 0.0
+    for step in range(1, steps + 1):
+        x, _ = batch_images(rng, batch)
+        mean, logvar = vae.encode(x)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        rec = vae.decode(z)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = loss.item() if step == 1 else 0.98 * run + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps:
+            psnr = 10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)).item()
+            log(f"vae step {step}/{steps} loss {run:.5f} batch PSNR {psnr:.1f} dB", t0)
+    return vae.eval(), run
+
+
+@torch.no_grad()
+def encode_dataset(vae, n, seed, t0):
+    rng = random.Random(seed + 1)
+    lat, caps = [], []
+    for i in range(0, n, 256):
+        x, c = batch_images(rng, min(256, n - i))
+        lat.append(vae.encode(x)[0])
+        caps += c
+    lat = torch.cat(lat)
+    log(f"encoded {n} scenes; latent std {lat.std().item():.4f}", t0)
+    return lat, caps
+
+
+def train_unet(lat, ids, steps, batch, lr, seed, t0):
+    torch.manual_seed(seed)
+    unet, text = UNetModel(UNET), CLIPTextEncoder(TEXT)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
+    ema_u, ema_t = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    acp = alphas_cumprod(DDIMConfig())
+    g = torch.Generator().manual_seed(seed)
+    run = 0.0
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(lat), (batch,), generator=g)
+        x0, tok = lat[idx], ids[idx]
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(xt, t, text(tok)), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, m in ((ema_u, unet), (ema_t, text)):
+                for pe, pm in zip(e.parameters(), m.parameters()):
+                    pe.lerp_(pm, 1 - decay)
+        run = loss.item() if step == 1 else 0.99 * run + 0.01 * loss.item()
+        if step % 100 == 0 or step == steps:
+            log(f"unet step {step}/{steps} loss {run:.4f} lr {sched.get_last_lr()[0]:.2e}", t0)
+    return ema_u.eval(), ema_t.eval(), run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--unet-steps", type=int, default=4000)
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--scenes", type=int, default=20000)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if os.path.exists(args.out):
+        raise SystemExit(f"error: {args.out} exists; remove it or choose another --out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    log(f"args {vars(args)}", t0)
+    vae, vae_loss = train_vae(args.vae_steps, args.vae_batch, args.seed, t0)
+    lat, caps = encode_dataset(vae, args.scenes, args.seed, t0)
+    scale = 1.0 / lat.std().item()  # as LDM sec. 4.3.2: latents scaled to unit variance
+    tok = _tokenizer(TOKENIZER_DIR)
+    drop = random.Random(args.seed + 2)
+    caps = ["" if drop.random() < 0.1 else c for c in caps]  # 10% unconditional, for CFG
+    ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    unet, text, unet_loss = train_unet(lat * scale, ids, args.unet_steps, args.unet_batch, args.lr, args.seed, t0)
+    vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": round(scale, 5)})
+    sd = StableDiffusion(unet, vae, text, tok, DDIMConfig(), default_size=SIZE)
+    save_folder(sd, args.out)
+    stats = {"seconds": round(time.time() - t0, 1), "vae_final_loss": round(vae_loss, 5),
+             "unet_final_loss": round(unet_loss, 5), "scaling_factor": round(scale, 5), "args": vars(args),
+             "torch": torch.__version__, "threads": torch.get_num_threads()}
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    log(f"wrote {args.out}: {stats}", t0)
+
+
+if __name__ == "__main__":
+    main()
