@@ -48,6 +48,10 @@ def parser():
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--out", required=True, help="PNG file to write")
     g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    d = sub.add_parser("demo", help="a gallery from the bundled sdlens-tiny model")
+    add_model_args(d)
+    d.add_argument("--out", default="sdlens-demo", help="folder to create (a free name is picked if it exists)")
+    d.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -71,7 +75,16 @@ def cmd_generate(args):
     print(args.out)
 
 
-COMMANDS = {"generate": cmd_generate}
+def cmd_demo(args):
+    from .tiny import demo
+    out = demo.free_folder(args.out)
+    sd = load_model(args)
+    seconds = demo.run(sd, out, seed=args.seed)
+    print(f"sdlens demo: {len(demo.PROMPTS)} images in {seconds:.1f} s")
+    print(os.path.abspath(out))
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo}
 
 
 def main(argv=None):
