@@ -136,6 +136,26 @@ class UNetModel(HookedModule):
         self.hook_out = HookPoint()
         self.setup_hooks()
 
+    def downscale(self, name: str) -> int:
+        """How many times smaller than the latent the feature map at hook `name` is (1, 2, 4, ...).
+
+        Editing methods use it to pick layers by resolution before running anything, e.g. to keep
+        the explicit attention path away from the 64x64 self-attention of a 512 image.
+        """
+        R, last = self.cfg.num_res_blocks, len(self.cfg.channel_mult) - 1
+        parts = name.split(".")
+        if parts[0] == "input_blocks":
+            n = int(parts[1])
+            level = 0 if n == 0 else (n - 1) // (R + 1) + ((n - 1) % (R + 1) == R)  # a downsample ends its level
+        elif parts[0] == "middle_block":
+            level = last
+        elif parts[0] == "output_blocks":
+            n = int(parts[1])
+            level = last - n // (R + 1)  # hook points all sit before a block's upsampler
+        else:
+            level = 0
+        return 2 ** level
+
     def forward(self, x, t, context):
         """x: [B,C,h,w] latents, t: timestep(s), context: [B,77,D] text. Returns eps or v."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
