@@ -48,6 +48,24 @@ def parser():
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--out", required=True, help="PNG file to write")
     g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p = sub.add_parser("p2p", help="Prompt-to-Prompt edit of a generated or real image")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="source prompt (describes --image when one is given)")
+    p.add_argument("--target", required=True, help="edited prompt")
+    p.add_argument("--mode", default="replace", choices=("replace", "refine", "reweight"))
+    p.add_argument("--cross-steps", type=float, default=0.8, help="fraction of steps with injected cross-attention")
+    p.add_argument("--self-steps", type=float, default=0.4, help="fraction of steps with injected self-attention")
+    p.add_argument("--blend", nargs=2, metavar=("SOURCE_WORD", "TARGET_WORD"), help="local blend words")
+    p.add_argument("--equalize", nargs="+", metavar="WORD=WEIGHT", help="re-weight words of the target, e.g. car=2")
+    p.add_argument("--image", help="edit this real image (centre-cropped, resized) instead of a generated one")
+    p.add_argument("--inversion", default="null-text", choices=("ddim", "null-text", "negative-prompt", "direct"))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--low-memory", action="store_true", help="unconditional and conditional rows in separate passes")
+    p.add_argument("--out", required=True, help="folder for source.png, edit.png, attention.png")
+    p.add_argument("--force", action="store_true", help="overwrite files in --out")
+
     d = sub.add_parser("demo", help="a gallery from the bundled sdlens-tiny model")
     add_model_args(d)
     d.add_argument("--out", default="sdlens-demo", help="folder to create (a free name is picked if it exists)")
@@ -75,6 +93,58 @@ def cmd_generate(args):
     print(args.out)
 
 
+def parse_weights(items):
+    out = {}
+    for item in items or []:
+        word, sep, value = item.partition("=")
+        try:
+            out[word] = float(value)
+        except ValueError:
+            raise ValueError(f"--equalize {item!r} is not WORD=NUMBER, e.g. car=2") from None
+        if not sep or not word:
+            raise ValueError(f"--equalize {item!r} is not WORD=NUMBER, e.g. car=2")
+    return out
+
+
+def check_out_folder(folder, names, force):
+    existing = [n for n in names if os.path.exists(os.path.join(folder, n))]
+    if existing and not force:
+        raise ValueError(f"{os.path.join(folder, existing[0])} exists; pass --force or choose another --out")
+
+
+def cmd_p2p(args):
+    from .editing import LocalBlend, PromptToPrompt, invert_image, load_image
+    from .editing.visualize import cross_attention_grid, self_attention_components, token_labels
+    names = ("source.png", "edit.png", "attention.png", "attention_edit.png", "self_attention.png")
+    check_out_folder(args.out, names, args.force)
+    if args.image and not os.path.isfile(args.image):
+        raise ValueError(f"--image {args.image}: no such file")
+    sd = load_model(args)
+    weights = parse_weights(args.equalize)
+    blend = LocalBlend([[args.blend[0]], [args.blend[1]]]) if args.blend else None
+    editor = PromptToPrompt(sd, args.prompt, [args.target], mode=args.mode, cross_replace_steps=args.cross_steps,
+                            self_replace_steps=args.self_steps, equalize=weights or None, blend=blend, steps=args.steps)
+    inversion = None
+    if args.image:
+        image = load_image(args.image, sd.default_size)
+        inversion = invert_image(sd, image, args.prompt, args.inversion, args.steps, args.guidance, progress=True)
+    res = editor.run(guidance_scale=args.guidance, seed=args.seed, inversion=inversion, low_memory=args.low_memory,
+                     progress=True)
+    from .pipeline import to_pil
+    src, edit = to_pil(res.images)
+    save_image_atomic(src, os.path.join(args.out, "source.png"))
+    save_image_atomic(edit, os.path.join(args.out, "edit.png"))
+    size = max(s[0] for s in res.store.sizes.values() if s[0] <= 16)
+    maps = res.store.aggregate(size)
+    save_image_atomic(cross_attention_grid(res.images[0], maps[0], token_labels(sd.tokenizer, args.prompt)),
+                      os.path.join(args.out, "attention.png"))
+    save_image_atomic(cross_attention_grid(res.images[1], maps[1], token_labels(sd.tokenizer, args.target)),
+                      os.path.join(args.out, "attention_edit.png"))
+    save_image_atomic(self_attention_components(res.store.aggregate(size, kind="attn1")[0]),
+                      os.path.join(args.out, "self_attention.png"))
+    print(os.path.abspath(args.out))
+
+
 def cmd_demo(args):
     from .tiny import demo
     out = demo.free_folder(args.out)
@@ -84,7 +154,7 @@ def cmd_demo(args):
     print(os.path.abspath(out))
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo}
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p}
 
 
 def main(argv=None):

@@ -91,6 +91,14 @@ class LocalBlend:
         return m > self.threshold
 
 
+@dataclass
+class EditResult:
+    images: torch.Tensor  # [n, 3, H, W] in [0,1]: the source first, then the targets
+    latents: torch.Tensor  # [n, C, h, w] final latents
+    store: AttentionStore  # attention of the conditional rows, averaged over steps
+    mask: Optional[torch.Tensor] = None  # the last local-blend mask [n-1, 1, h, w], if any
+
+
 class PromptToPrompt:
     def __init__(self, sd, source: str, targets: List[str], mode="replace", cross_replace_steps: Steps = 0.8,
                  self_replace_steps: Union[float, Tuple[float, float]] = 0.4, self_max_size=16,
@@ -162,7 +170,7 @@ class PromptToPrompt:
     @torch.no_grad()
     def run(self, guidance_scale=7.5, seed=None, latents=None, inversion: Optional[Inversion] = None,
             low_memory=False, store_size=32, height=None, width=None, progress=False):
-        """Sample source and targets together. Returns (images [n,3,H,W] in [0,1], AttentionStore)."""
+        """Sample the source and the targets together from the same noise -> EditResult."""
         sd, steps = self.sd, self.steps
         prompts = [self.source] + self.targets
         n = len(prompts)
@@ -209,6 +217,7 @@ class PromptToPrompt:
             return eu + guidance_scale * (ec - eu)
 
         start_blend = int(self.blend.start_blend * steps) if self.blend is not None else steps
+        last_mask = []
 
         def callback(step, t, xt):
             if inversion is not None and inversion.direct:
@@ -223,6 +232,7 @@ class PromptToPrompt:
                     mask = mask & ~(sub[:1] | sub[1:])
                 xt = xt.clone()
                 xt[1:] = xt[:1] + mask.to(xt.dtype) * (xt[1:] - xt[:1])
+                last_mask[:] = [mask]
             return xt
 
         hooks = {**store.hooks()}
@@ -232,4 +242,4 @@ class PromptToPrompt:
                 x = sample(denoise, x, sd.scheduler, steps, callback=callback, progress=progress)
         finally:
             sd.unet.ctx = None
-        return sd.decode_latents(x), store
+        return EditResult(sd.decode_latents(x), x, store, last_mask[0] if last_mask else None)
