@@ -70,9 +70,23 @@ def save_fixture(pipe, kind, root):
     return folder, path
 
 
+_BUILT = {}
+
+
+def _get(kind, tmp_path_factory):
+    if kind not in _BUILT:  # built once per session, shared by every test that needs it
+        pipe = build_pipeline(kind)
+        folder, path = save_fixture(pipe, kind, str(tmp_path_factory.mktemp(kind)))
+        _BUILT[kind] = dict(kind=kind, pipe=pipe, folder=folder, single=path)
+    return _BUILT[kind]
+
+
 @pytest.fixture(scope="session", params=list(SPECS))
 def fixture(request, tmp_path_factory):
-    kind = request.param
-    pipe = build_pipeline(kind)
-    folder, path = save_fixture(pipe, kind, str(tmp_path_factory.mktemp(kind)))
-    return dict(kind=kind, pipe=pipe, folder=folder, single=path)
+    """Each topology in turn: {kind, pipe (the diffusers oracle), folder, single}."""
+    return _get(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def sd1_fixture(tmp_path_factory):
+    return _get("sd1", tmp_path_factory)

@@ -1,0 +1,103 @@
+"""Prompt-to-Prompt: exact behaviours on a small random SD 1 model, alignment by hand."""
+import pytest
+import torch
+
+import sdlens
+from sdlens.editing import LocalBlend, PromptToPrompt
+from sdlens.editing.words import global_align, refine_mapper, word_positions
+from sdlens.weights.load import TOKENIZER_DIR, _tokenizer
+
+KW = dict(seed=0, height=64, width=128)
+
+
+@pytest.fixture(scope="module")
+def sd(sd1_fixture):
+    return sdlens.load(sd1_fixture["folder"])
+
+
+def test_identical_prompts_with_full_injection_give_the_source(sd):
+    e = PromptToPrompt(sd, "a cat riding a bicycle", ["a cat riding a bicycle"], cross_replace_steps=1.0,
+                       self_replace_steps=1.0, steps=6)
+    r = e.run(**KW)
+    assert torch.equal(r.images[0], r.images[1])
+
+
+def test_source_branch_is_never_altered(sd):
+    a = PromptToPrompt(sd, "a cat riding a bicycle", ["a dog riding a bicycle"], self_replace_steps=1.0, steps=6).run(**KW)
+    none = PromptToPrompt(sd, "a cat riding a bicycle", ["a dog riding a bicycle"], cross_replace_steps=0.0,
+                          self_replace_steps=0.0, steps=6).run(**KW)
+    assert torch.equal(a.latents[0], none.latents[0])  # same batch, edit on or off: the source is bitwise the same
+    assert (a.latents[1] - none.latents[1]).abs().max() > 1e-3
+    plain = sd.generate("a cat riding a bicycle", steps=6, output="tensor", progress=False, **KW)
+    torch.testing.assert_close(a.images[0], plain[0], atol=1e-4, rtol=0)  # explicit vs SDPA attention only
+    assert (a.images[1] - a.images[0]).abs().max() > 1e-3  # and the edit did change the target
+
+
+def test_equalizer_scales_exactly_the_chosen_column(sd):
+    name = "output_blocks.4.1.transformer_blocks.0.attn2.hook_probs"
+    seen = []
+
+    class Spy(PromptToPrompt):  # a hook attached after the editor's sees the edited probabilities
+        def hooks(self, hw):
+            return {**super().hooks(hw), name: lambda p, h: seen.append((h.ctx.rows, p.clone())) or None}
+
+    Spy(sd, "a cat riding a bicycle", ["a cat riding a bicycle"], mode="reweight", cross_replace_steps=1.0,
+        equalize={"bicycle": 3.0, "cat": -0.5}, steps=4).run(**KW)
+    assert len(seen) == 4
+    cat = word_positions(sd.tokenizer, "a cat riding a bicycle", "cat")[0]
+    bike = word_positions(sd.tokenizer, "a cat riding a bicycle", "bicycle")[0]
+    for rows, p in seen:
+        src, tgt = p[rows["source"][0]], p[rows["target"][0]]
+        expect = src.clone()
+        expect[..., bike] *= 3.0
+        expect[..., cat] *= -0.5
+        assert torch.equal(tgt, expect)
+        assert not torch.equal(tgt, src)
+
+
+def test_alignment_hand_worked():
+    assert global_align([1, 2, 3, 4], [1, 5, 2, 3, 4]) == [0, -1, 1, 2, 3]  # an insertion
+    assert global_align([1, 2, 3], [1, 9, 3]) == [0, -1, 2]  # a substitution keeps no source token
+    assert global_align([1, 2, 3, 4], [1, 4]) == [0, 3]  # deletions
+    tok = _tokenizer(TOKENIZER_DIR)
+    mapper, alphas = refine_mapper(tok, "a cat riding a bicycle", "a black cat riding a bicycle")
+    # <sot> a black cat riding a bicycle <eot> : 'black' is new, the rest shift by one
+    assert mapper[:8].tolist() == [0, 1, 0, 2, 3, 4, 5, 6] and alphas[:8].tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
+    assert mapper[8].item() == 7 and alphas[8].item() == 1  # padding maps onto padding
+
+
+def test_local_blend_keeps_the_source_outside_the_mask(sd):
+    """Random weights attend almost uniformly, so a hook (attached first, seen by the store) makes
+    the word's cross-attention cover the left half of the image; the blend mask must follow it."""
+    def left_half(p, hook):
+        side = int(p.shape[2] ** 0.5)
+        q = torch.arange(p.shape[2], device=p.device) % side < side // 2
+        p = p.clone()
+        p[..., 2] = q.to(p.dtype)  # token 2 is "cat" in the source and "dog" in the target
+        return p
+
+    e = PromptToPrompt(sd, "a cat riding a bicycle", ["a dog riding a bicycle"], steps=6,
+                       blend=LocalBlend([["cat"], ["dog"]], threshold=0.3, start_blend=0.0))
+    with sd.unet.hooks({lambda n: n.endswith("attn2.hook_probs"): left_half}):
+        r = e.run(seed=0, height=128, width=128)  # 16x16 cross-attention maps need 128 px in this model
+    inside = r.mask[0, 0]
+    assert inside[:, :5].all() and not inside[:, 10:].any()  # left half, dilated by the 3x3 max-pool
+    assert torch.equal(r.latents[1][:, ~inside], r.latents[0][:, ~inside])
+    assert (r.latents[1][:, inside] - r.latents[0][:, inside]).abs().max() > 1e-3
+
+
+def test_clear_errors(sd):
+    with pytest.raises(ValueError, match="same token count.*refine"):
+        PromptToPrompt(sd, "a cat riding a bicycle", ["a cat riding a red bicycle"])
+    with pytest.raises(ValueError, match="word 'dog' is not in the prompt"):
+        PromptToPrompt(sd, "a cat", ["a cow"], mode="reweight", equalize={"dog": 2.0})
+    with pytest.raises(ValueError, match="mode"):
+        PromptToPrompt(sd, "a cat", ["a cow"], mode="swap")
+
+
+def test_per_word_cross_steps(sd):
+    from sdlens.editing.p2p import cross_alphas
+    a = cross_alphas(sd.tokenizer, ["a lion riding a bicycle"], {"default_": 0.8, "lion": 0.4}, 10)
+    lion = word_positions(sd.tokenizer, "a lion riding a bicycle", "lion")[0]
+    assert a[:, 0, lion].tolist() == [1] * 4 + [0] * 6
+    assert a[:, 0, lion + 1].tolist() == [1] * 8 + [0] * 2
