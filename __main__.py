@@ -66,6 +66,34 @@ def parser():
     p.add_argument("--out", required=True, help="folder for source.png, edit.png, attention.png")
     p.add_argument("--force", action="store_true", help="overwrite files in --out")
 
+    q = sub.add_parser("pnp", help="Plug-and-Play translation of a real image")
+    add_model_args(q)
+    q.add_argument("--image", required=True, help="the guidance image (centre-cropped, resized)")
+    q.add_argument("--prompt", required=True, help="the target prompt")
+    q.add_argument("--inversion-prompt", default="", help="prompt for the DDIM inversion (default: empty)")
+    q.add_argument("--negative-prompt", default=None)
+    q.add_argument("--alpha", type=float, default=0.0, help="weight of the empty prompt in the negative branch")
+    q.add_argument("--alpha-schedule", default="constant", choices=("constant", "linear", "exp"))
+    q.add_argument("--feature-injection", type=float, default=0.8)
+    q.add_argument("--attention-injection", type=float, default=0.5)
+    q.add_argument("--feature-layers", nargs="+", default=None, help="ResBlocks to inject (default output_blocks.4.0)")
+    q.add_argument("--attention-layers", nargs="+", default=None, help="attn1 modules (default decoder layers 4-11)")
+    q.add_argument("--steps", type=int, default=50)
+    q.add_argument("--guidance", type=float, default=7.5)
+    q.add_argument("--out", required=True, help="folder for guidance.png and pnp.png")
+    q.add_argument("--force", action="store_true")
+
+    f = sub.add_parser("features", help="feature views")
+    fsub = f.add_subparsers(dest="view", required=True)
+    pca = fsub.add_parser("pca", help="top-3 PCA of features as RGB, one basis shared by all images")
+    add_model_args(pca)
+    pca.add_argument("--image", nargs="+", required=True)
+    pca.add_argument("--layers", nargs="+", default=["output_blocks.4"], help="blocks or hook names")
+    pca.add_argument("--step", type=float, default=0.5, help="noise level as a fraction of the inversion (0 clean, 1 noise)")
+    pca.add_argument("--steps", type=int, default=50)
+    pca.add_argument("--out", required=True)
+    pca.add_argument("--force", action="store_true")
+
     d = sub.add_parser("demo", help="a gallery from the bundled sdlens-tiny model")
     add_model_args(d)
     d.add_argument("--out", default="sdlens-demo", help="folder to create (a free name is picked if it exists)")
@@ -145,6 +173,52 @@ def cmd_p2p(args):
     print(os.path.abspath(args.out))
 
 
+def cmd_pnp(args):
+    from .editing import load_image
+    from .editing.pnp import ATTENTION_LAYERS, FEATURE_LAYERS, translate
+    from .pipeline import to_pil
+    check_out_folder(args.out, ("guidance.png", "pnp.png"), args.force)
+    if not os.path.isfile(args.image):
+        raise ValueError(f"--image {args.image}: no such file")
+    sd = load_model(args)
+    image = load_image(args.image, sd.default_size)
+    res = translate(sd, image, args.prompt, inversion_prompt=args.inversion_prompt, negative_prompt=args.negative_prompt,
+                    alpha=args.alpha, alpha_schedule=args.alpha_schedule, feature_injection=args.feature_injection,
+                    attention_injection=args.attention_injection, feature_layers=args.feature_layers or FEATURE_LAYERS,
+                    attention_layers=args.attention_layers or ATTENTION_LAYERS, guidance_scale=args.guidance,
+                    steps=args.steps, progress=True)
+    save_image_atomic(image, os.path.join(args.out, "guidance.png"))
+    save_image_atomic(to_pil(res.images)[0], os.path.join(args.out, "pnp.png"))
+    print(os.path.abspath(args.out))
+
+
+def cmd_features(args):
+    import torch
+    from .editing import load_image
+    from .editing.features import collect, pca_rgb, resolve_layers
+    from .editing.pnp import inversion_latents
+    from .pipeline import to_pil
+    from .schedulers import timesteps
+    for p in args.image:
+        if not os.path.isfile(p):
+            raise ValueError(f"--image {p}: no such file")
+    if not 0 <= args.step <= 1:
+        raise ValueError("--step is a fraction between 0 and 1")
+    sd = load_model(args)
+    names = resolve_layers(sd, args.layers)
+    outs = [f"pca_{n.replace('.', '_')}_{i:02d}.png" for n in names for i in range(len(args.image))]
+    check_out_folder(args.out, outs, args.force)
+    k = round(args.step * args.steps)
+    t = list(reversed(timesteps(sd.scheduler, args.steps)))[max(k - 1, 0)]
+    latents = [inversion_latents(sd, load_image(p, sd.default_size), steps=args.steps)[k] for p in args.image]
+    feats = collect(sd, latents, t, names)
+    for n in names:
+        for i, rgb in enumerate(pca_rgb(feats[n])):
+            im = to_pil(rgb[None])[0].resize((sd.default_size, sd.default_size), 0)
+            save_image_atomic(im, os.path.join(args.out, f"pca_{n.replace('.', '_')}_{i:02d}.png"))
+    print(os.path.abspath(args.out))
+
+
 def cmd_demo(args):
     from .tiny import demo
     out = demo.free_folder(args.out)
@@ -154,7 +228,7 @@ def cmd_demo(args):
     print(os.path.abspath(out))
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p}
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "features": cmd_features}
 
 
 def main(argv=None):
