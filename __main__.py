@@ -162,7 +162,7 @@ def cmd_p2p(args):
     src, edit = to_pil(res.images)
     save_image_atomic(src, os.path.join(args.out, "source.png"))
     save_image_atomic(edit, os.path.join(args.out, "edit.png"))
-    size = max(s[0] for s in res.store.sizes.values() if s[0] <= 16)
+    size = res.store.largest()
     maps = res.store.aggregate(size)
     save_image_atomic(cross_attention_grid(res.images[0], maps[0], token_labels(sd.tokenizer, args.prompt)),
                       os.path.join(args.out, "attention.png"))

@@ -45,6 +45,10 @@ class AttentionStore:
         """{name: fn} to pass to `unet.hooks(...)`, alone or merged with an editor's hooks."""
         return {n: self.hook for n in self.sizes}
 
+    def largest(self, limit=16) -> int:
+        """The largest recorded map side that is at most `limit` (the usual aggregation size)."""
+        return max(s[0] for s in self.sizes.values() if s[0] <= limit)
+
     def aggregate(self, size=16, places=("down", "mid", "up"), kind="attn2"):
         """Maps averaged over steps, heads and the matching layers: [rows, size, size, keys]."""
         maps = [self.sums[n] / max(1, len(self.steps)) for n in self.sizes

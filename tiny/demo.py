@@ -41,12 +41,62 @@ def captioned_grid(images, captions, cols=4, scale=3):
     return grid
 
 
+# (source, target, mode, re-weighting): the Prompt-to-Prompt panels
+EDITS = [("a big red circle on the left", "a big blue circle on the left", "replace", None),
+         ("a big yellow star in the center", "a big yellow square in the center", "replace", None),
+         ("a small green triangle at the top", "a small green triangle at the top on a black background", "refine", None),
+         ("a big purple square next to a yellow circle", "a big purple square next to a yellow circle", "reweight",
+          {"yellow": -1.0})]
+
+
 def run(sd, out, seed=0, steps=50, guidance=7.5):
+    import random
+
     from ..__main__ import save_image_atomic
+    from ..editing import PromptToPrompt
+    from ..editing.features import collect, pca_rgb
+    from ..editing.pnp import inversion_latents, translate
+    from ..editing.visualize import cross_attention_grid, token_labels
+    from ..pipeline import to_pil
+    from .scenes import render, scene_from
     os.makedirs(out)
+    save = lambda im, name: save_image_atomic(im, os.path.join(out, name))
     t0 = time.time()
-    images = sd.generate(PROMPTS, steps=steps, guidance_scale=guidance, seed=seed)
+    images = sd.generate(PROMPTS, steps=steps, guidance_scale=guidance, seed=seed, progress=False)
     for i, im in enumerate(images):
-        save_image_atomic(im, os.path.join(out, f"generate_{i:02d}.png"))
-    save_image_atomic(captioned_grid(images, PROMPTS), os.path.join(out, "generate_grid.png"))
+        save(im, f"generate_{i:02d}.png")
+    save(captioned_grid(images, PROMPTS), "generate_grid.png")
+
+    panels, caps = [], []
+    for src, tgt, mode, eq in EDITS:
+        res = PromptToPrompt(sd, src, [tgt], mode=mode, equalize=eq, steps=steps).run(guidance_scale=guidance, seed=seed)
+        a, b = to_pil(res.images)
+        panels += [a, b]
+        caps += [src, f"{mode}: {tgt}" if not eq else f"reweight {eq}"]
+        if mode == "replace" and not panels[:-2]:
+            maps = res.store.aggregate(res.store.largest())
+            save(cross_attention_grid(res.images[0], maps[0], token_labels(sd.tokenizer, src)), "p2p_attention_source.png")
+            save(cross_attention_grid(res.images[1], maps[1], token_labels(sd.tokenizer, tgt)), "p2p_attention_edit.png")
+    save(captioned_grid(panels, caps, cols=2), "p2p_grid.png")
+
+    # Plug-and-Play on a rendered ("real") scene, and the shared-basis PCA of its decoder features
+    scenes = [scene_from(s, c, "big", p, "gray", "plain", seed=i) for i, (s, c, p) in
+              enumerate([("star", "red", "left"), ("circle", "blue", "right"), ("square", "green", "top"),
+                         ("triangle", "orange", "center")])]
+    reals = [render(sc, random.Random(i)) for i, sc in enumerate(scenes)]
+    zs = inversion_latents(sd, reals[0], steps=steps)
+    pnp = translate(sd, None, "a big blue star on the left", latents=zs, steps=steps, guidance_scale=guidance)
+    save(captioned_grid([reals[0], to_pil(pnp.images)[0]], [scenes[0].caption, "pnp: a big blue star on the left"], cols=2),
+         "pnp_grid.png")
+    k = steps // 2
+    t = zs_timestep(sd, steps, k)
+    feats = collect(sd, [inversion_latents(sd, im, steps=steps)[k] for im in reals], t, ["output_blocks.4.0.hook_out"])
+    pcs = [to_pil(rgb[None])[0].resize(reals[0].size, 0) for rgb in pca_rgb(feats["output_blocks.4.0.hook_out"])]
+    save(captioned_grid(reals + pcs, [sc.caption for sc in scenes] + ["PCA output_blocks.4"] * 4), "features_pca.png")
     return time.time() - t0
+
+
+def zs_timestep(sd, steps, k):
+    """The timestep of the inversion latent z_k (k inversion steps from the clean latent)."""
+    from ..schedulers import timesteps
+    return list(reversed(timesteps(sd.scheduler, steps)))[max(k - 1, 0)]
