@@ -105,7 +105,8 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "sdlens", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_errors_and_no_overwrite(fixture, tmp_path):
+def test_cli_errors_and_no_overwrite(sd1_fixture, tmp_path):
+    fixture = sd1_fixture
     out = tmp_path / "img.png"
     r = cli("generate", "--model", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--out", str(out))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr

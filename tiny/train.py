@@ -119,6 +119,36 @@ def train_unet(lat, ids, steps, batch, lr, seed, t0):
     return ema_u.eval(), ema_t.eval(), run
 
 
+def finetune_decoder(sd, steps, batch, seed, t0):
+    """Stage 3: sharpen the decoder on the posterior mean with the encoder frozen (as SD's
+    ft-MSE VAE), so the latent space the UNet learned is unchanged."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed + 3)
+    vae = sd.vae.train().requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    run = 0.0
+    for step in range(1, steps + 1):
+        x, _ = batch_images(rng, batch)
+        with torch.no_grad():
+            z = vae.encode(x)[0]
+        rec = vae.decode(z)
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run = loss.item() if step == 1 else 0.98 * run + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps:
+            psnr = 10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)).item()
+            log(f"decoder step {step}/{steps} loss {run:.5f} batch PSNR {psnr:.1f} dB", t0)
+    vae.eval().requires_grad_(False)
+    return run
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -130,6 +160,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scenes", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--finetune-decoder", metavar="FOLDER", default=None,
+                    help="instead of training from scratch: load FOLDER and run only the decoder stage")
+    ap.add_argument("--decoder-steps", type=int, default=800)
     args = ap.parse_args(argv)
     if os.path.exists(args.out):
         raise SystemExit(f"error: {args.out} exists; remove it or choose another --out")
@@ -137,6 +170,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     log(f"args {vars(args)}", t0)
+    if args.finetune_decoder:
+        from .. import load
+        sd = load(args.finetune_decoder)
+        loss = finetune_decoder(sd, args.decoder_steps, args.vae_batch, args.seed, t0)
+        save_folder(sd, args.out)
+        with open(os.path.join(args.finetune_decoder, "training.json")) as f:
+            stats = json.load(f)
+        stats.update({"decoder_finetune_seconds": round(time.time() - t0, 1), "decoder_final_loss": round(loss, 5),
+                      "decoder_args": vars(args)})
+        with open(os.path.join(args.out, "training.json"), "w") as f:
+            json.dump(stats, f, indent=2)
+        log(f"wrote {args.out}", t0)
+        return
     vae, vae_loss = train_vae(args.vae_steps, args.vae_batch, args.seed, t0)
     lat, caps = encode_dataset(vae, args.scenes, args.seed, t0)
     scale = 1.0 / lat.std().item()  # as LDM sec. 4.3.2: latents scaled to unit variance
