@@ -85,9 +85,11 @@ def encode_dataset(vae, n, seed, t0):
     return lat, caps
 
 
-def train_unet(lat, ids, steps, batch, lr, seed, t0):
+def train_unet(lat, ids, steps, batch, lr, seed, t0, init=None):
     torch.manual_seed(seed)
-    unet, text = UNetModel(UNET), CLIPTextEncoder(TEXT)
+    unet, text = init if init is not None else (UNetModel(UNET), CLIPTextEncoder(TEXT))
+    unet.train().requires_grad_(True)
+    text.train().requires_grad_(True)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.03)
@@ -163,6 +165,9 @@ def main(argv=None):
     ap.add_argument("--finetune-decoder", metavar="FOLDER", default=None,
                     help="instead of training from scratch: load FOLDER and run only the decoder stage")
     ap.add_argument("--decoder-steps", type=int, default=800)
+    ap.add_argument("--resume", metavar="FOLDER", default=None,
+                    help="continue from FOLDER: re-encode the scenes with its VAE, train the UNet and text encoder "
+                         "--unet-steps more, then fine-tune the decoder")
     args = ap.parse_args(argv)
     if os.path.exists(args.out):
         raise SystemExit(f"error: {args.out} exists; remove it or choose another --out")
@@ -183,20 +188,33 @@ def main(argv=None):
             json.dump(stats, f, indent=2)
         log(f"wrote {args.out}", t0)
         return
-    vae, vae_loss = train_vae(args.vae_steps, args.vae_batch, args.seed, t0)
-    lat, caps = encode_dataset(vae, args.scenes, args.seed, t0)
-    scale = 1.0 / lat.std().item()  # as LDM sec. 4.3.2: latents scaled to unit variance
+    if args.resume:
+        from .. import load
+        prev = load(args.resume)
+        vae, init = prev.vae, (prev.unet.float(), prev.text_encoder.float())
+        with open(os.path.join(args.resume, "training.json")) as f:
+            history = json.load(f)
+        vae_loss, scale = history["vae_final_loss"], prev.vae.cfg.scaling_factor
+        lat, caps = encode_dataset(vae, args.scenes, args.seed, t0)
+    else:
+        init, history = None, None
+        vae, vae_loss = train_vae(args.vae_steps, args.vae_batch, args.seed, t0)
+        lat, caps = encode_dataset(vae, args.scenes, args.seed, t0)
+        scale = 1.0 / lat.std().item()  # as LDM sec. 4.3.2: latents scaled to unit variance
     tok = _tokenizer(TOKENIZER_DIR)
     drop = random.Random(args.seed + 2)
     caps = ["" if drop.random() < 0.1 else c for c in caps]  # 10% unconditional, for CFG
     ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    unet, text, unet_loss = train_unet(lat * scale, ids, args.unet_steps, args.unet_batch, args.lr, args.seed, t0)
+    unet, text, unet_loss = train_unet(lat * scale, ids, args.unet_steps, args.unet_batch, args.lr, args.seed, t0, init)
     vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": round(scale, 5)})
     sd = StableDiffusion(unet, vae, text, tok, DDIMConfig(), default_size=SIZE)
+    decoder_loss = finetune_decoder(sd, args.decoder_steps, args.vae_batch, args.seed, t0) if args.resume else None
     save_folder(sd, args.out)
     stats = {"seconds": round(time.time() - t0, 1), "vae_final_loss": round(vae_loss, 5),
              "unet_final_loss": round(unet_loss, 5), "scaling_factor": round(scale, 5), "args": vars(args),
              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if history is not None:
+        stats.update({"decoder_final_loss": round(decoder_loss, 5), "previous_stage": history})
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(stats, f, indent=2)
     log(f"wrote {args.out}: {stats}", t0)
