@@ -175,7 +175,7 @@ def cmd_p2p(args):
 
 def cmd_pnp(args):
     from .editing import load_image
-    from .editing.pnp import ATTENTION_LAYERS, FEATURE_LAYERS, translate
+    from .editing.pnp import FEATURE_LAYERS, translate
     from .pipeline import to_pil
     check_out_folder(args.out, ("guidance.png", "pnp.png"), args.force)
     if not os.path.isfile(args.image):
@@ -185,7 +185,7 @@ def cmd_pnp(args):
     res = translate(sd, image, args.prompt, inversion_prompt=args.inversion_prompt, negative_prompt=args.negative_prompt,
                     alpha=args.alpha, alpha_schedule=args.alpha_schedule, feature_injection=args.feature_injection,
                     attention_injection=args.attention_injection, feature_layers=args.feature_layers or FEATURE_LAYERS,
-                    attention_layers=args.attention_layers or ATTENTION_LAYERS, guidance_scale=args.guidance,
+                    attention_layers=args.attention_layers, guidance_scale=args.guidance,
                     steps=args.steps, progress=True)
     save_image_atomic(image, os.path.join(args.out, "guidance.png"))
     save_image_atomic(to_pil(res.images)[0], os.path.join(args.out, "pnp.png"))

@@ -24,7 +24,13 @@ from ..hooks import StepContext
 from ..schedulers import invert, sample
 
 FEATURE_LAYERS = ("output_blocks.4.0",)
-ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in range(4, 12))
+ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in range(4, 12))  # in SD
+
+
+def decoder_self_attention(sd, first=4):
+    """attn1 of every decoder layer from `first` on: SD's layers 4-11, and the same rule elsewhere."""
+    return [n[:-len(".hook_q")] for n in sd.unet.hook_names()
+            if n.startswith("output_blocks.") and int(n.split(".")[1]) >= first and n.endswith("attn1.hook_q")]
 
 
 def negative_alpha(schedule: str, alpha: float, step: int, steps: int) -> float:
@@ -65,11 +71,12 @@ def inversion_latents(sd, image, prompt="", steps=50, progress=False):
 @torch.no_grad()
 def translate(sd, image, prompt, *, inversion_prompt="", negative_prompt=None, alpha=0.0, alpha_schedule="constant",
               feature_injection=0.8, attention_injection=0.5, feature_layers: Sequence[str] = FEATURE_LAYERS,
-              attention_layers: Sequence[str] = ATTENTION_LAYERS, guidance_scale=7.5, steps=50,
+              attention_layers: Optional[Sequence[str]] = None, guidance_scale=7.5, steps=50,
               latents: Optional[list] = None, observe: Optional[dict] = None, progress=False) -> PnPResult:
     """Translate `image` (PIL / [1,3,H,W] in [0,1], or pass `latents` from `inversion_latents`) to `prompt`.
 
     `observe`: extra hooks attached after the injections, so they see the injected values."""
+    attention_layers = decoder_self_attention(sd) if attention_layers is None else attention_layers
     names = set(sd.unet.hook_names())
     for layer in list(feature_layers) + list(attention_layers):
         need = f"{layer}.hook_h" if layer in feature_layers else f"{layer}.hook_q"
