@@ -47,20 +47,14 @@ def log(msg, t0):
     print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
 
-def train_vae(steps, batch, seed, t0):
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    vae = AutoencoderKL(VAE)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+def fit_reconstruction(name, vae, encode, opt, sched, steps, batch, rng, t0):
+    """The reconstruction loop both VAE stages share: `encode(x)` -> (latents, extra loss)."""
     run = 0.0
     for step in range(1, steps + 1):
         x, _ = batch_images(rng, batch)
-        mean, logvar = vae.encode(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        z, extra = encode(x)
         rec = vae.decode(z)
-        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * kl
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,7 +62,23 @@ def train_vae(steps, batch, seed, t0):
         run = loss.item() if step == 1 else 0.98 * run + 0.02 * loss.item()
         if step % 100 == 0 or step == steps:
             psnr = 10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)).item()
-            log(f"vae step {step}/{steps} loss {run:.5f} batch PSNR {psnr:.1f} dB", t0)
+            log(f"{name} step {step}/{steps} loss {run:.5f} batch PSNR {psnr:.1f} dB", t0)
+    return run
+
+
+def train_vae(steps, batch, seed, t0):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    vae = AutoencoderKL(VAE)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+
+    def sample_posterior(x):
+        mean, logvar = vae.encode(x)
+        kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
+        return mean + torch.randn_like(mean) * (0.5 * logvar).exp(), 1e-6 * kl
+
+    run = fit_reconstruction("vae", vae, sample_posterior, opt, sched, steps, batch, rng, t0)
     return vae.eval(), run
 
 
@@ -132,21 +142,12 @@ def finetune_decoder(sd, steps, batch, seed, t0):
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    run = 0.0
-    for step in range(1, steps + 1):
-        x, _ = batch_images(rng, batch)
+
+    def frozen_mean(x):
         with torch.no_grad():
-            z = vae.encode(x)[0]
-        rec = vae.decode(z)
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        run = loss.item() if step == 1 else 0.98 * run + 0.02 * loss.item()
-        if step % 100 == 0 or step == steps:
-            psnr = 10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), x)).item()
-            log(f"decoder step {step}/{steps} loss {run:.5f} batch PSNR {psnr:.1f} dB", t0)
+            return vae.encode(x)[0], 0.0
+
+    run = fit_reconstruction("decoder", vae, frozen_mean, opt, sched, steps, batch, rng, t0)
     vae.eval().requires_grad_(False)
     return run
 
