@@ -53,13 +53,15 @@ def test_ddim_inversion_round_trip_at_w1(tiny):
 
 
 def test_null_text_and_direct_beat_ddim_at_w7_5(tiny):
+    """PSNR against the VAE's own reconstruction decode(z_0): the best any inversion can reach, so
+    the figure measures the inversion's error and not the tiny VAE's (which caps image PSNR)."""
     values = {}
     sc, img = scene(1, "blue", "circle", "right")
-    x = to_tensor(img)
     for method in ("ddim", "null-text", "direct"):
         inv = invert_image(tiny, img, sc.caption, method, steps=20, guidance_scale=7.5)
         rec = PromptToPrompt(tiny, sc.caption, [], steps=20).run(guidance_scale=7.5, inversion=inv)
-        values[method] = psnr(rec.images, x)
+        values[method] = min(psnr(rec.images, tiny.decode_latents(inv.latents[0])), 60.0)
+    print(values)
     assert values["null-text"] > values["ddim"] + 3 and values["direct"] > values["ddim"] + 3, values
 
 

@@ -62,6 +62,28 @@ def test_round_trips_through_its_layout(tiny, tmp_path):
         torch.testing.assert_close(tiny.unet(x, 500, ctx), theirs(x, 500, ctx).sample, atol=1e-5, rtol=1e-5)
 
 
+def test_round_trips_through_a_single_file(tiny, tmp_path):
+    """Single-file save -> load gives the same model; without the configs in the metadata the same
+    keys would load with SD's head counts, norm groups and latent scale (why they are stored)."""
+    from safetensors.torch import load_file, save_file
+    from sdlens.weights.save import save_single_file
+    path = tmp_path / "tiny.safetensors"
+    save_single_file(tiny, str(path), dtype=torch.float32)
+    again = sdlens.load(path)
+    cfgs = lambda m: (m.unet.cfg, m.vae.cfg, m.text_encoder.cfg, m.scheduler, m.default_size)
+    assert cfgs(again) == cfgs(tiny)
+    ids = tiny.tokenize(["a big red star on the left"])
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 500
+    with torch.no_grad():
+        ref = tiny.unet(x, t, tiny.text_encoder(ids))
+        assert torch.equal(again.unet(x, t, again.text_encoder(ids)), ref)
+        save_file(load_file(str(path)), str(tmp_path / "bare.safetensors"))  # the same tensors, no metadata
+        bare = sdlens.load(tmp_path / "bare.safetensors")
+        assert not torch.allclose(bare.unet(x, t, bare.text_encoder(ids)), ref, atol=1e-3)
+    with pytest.raises(FileExistsError):
+        save_single_file(tiny, str(path))
+
+
 def test_scenes_are_deterministic():
     a = [render(random_scene(random.Random(7)), random.Random(7)).tobytes() for _ in range(2)]
     assert a[0] == a[1]

@@ -135,7 +135,7 @@ def to_single_file(unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, openclip=False):
     """diffusers-layout state dicts -> one original-layout dict, as a single-file checkpoint has.
 
     The inverse of what `load` does for folders; used by the tests to build single-file fixtures
-    and by `python -m sdlens convert`.
+    and by `weights.save.save_single_file`.
     """
     from ..unet import UNetModel
     from ..vae import AutoencoderKL

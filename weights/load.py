@@ -4,6 +4,7 @@ Models are built on the meta device (no memory), then each tensor is read from t
 memory-mapped file, cast and assigned in place, so at most one copy of the weights exists.
 Every parameter must be filled and every key used; only known harmless extras are skipped.
 """
+import dataclasses
 import json
 import os
 import re
@@ -53,6 +54,7 @@ class TensorFile:
             if not isinstance(obj, dict):
                 raise WeightsError(f"{path}: the pickle holds no state dict")
             self._sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            self.metadata = {}
             self.shapes = {k: tuple(v.shape) for k, v in self._sd.items()}
             self.get = self._sd.__getitem__
             return
@@ -60,6 +62,7 @@ class TensorFile:
         try:
             self._f = safe_open(path, framework="pt", device="cpu")
             self.shapes = {k: tuple(self._f.get_slice(k).get_shape()) for k in self._f.keys()}
+            self.metadata = self._f.metadata() or {}
         except Exception as e:
             raise WeightsError(f"{path}: not a readable safetensors file ({_short(e)}); it is truncated or "
                                "corrupt: download it again") from None
@@ -164,9 +167,25 @@ def _tokenizer(folder, pad_token=None):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
 
 
+def saved_configs(tf):
+    """The configs `save_single_file` stores in the metadata (what the keys cannot show), or None."""
+    if "sdlens" not in tf.metadata:
+        return None
+    tup = lambda d: {k: tuple(x) if isinstance(x, list) else x for k, x in d.items()}
+    try:
+        m = json.loads(tf.metadata["sdlens"])
+        return (UNetConfig(**tup(m["unet"])), VAEConfig(**tup(m["vae"])), TextConfig(**tup(m["text"])),
+                DDIMConfig(**m["scheduler"]), int(m["default_size"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{tf.path}: its 'sdlens' metadata is unreadable ({_short(e)}); save the file again") from None
+
+
 def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=False):
     tf = TensorFile(path, allow_pickle)
     family, ucfg, vcfg, tcfg = detect_single_file(tf)
+    saved = saved_configs(tf)
+    if saved is not None:
+        ucfg, vcfg, tcfg, sched, size = saved
     groups = {"unet": {}, "vae": {}, "text": {}}
     for key, shape in tf.shapes.items():
         get = (lambda k: lambda: tf.get(k))(key)
@@ -188,11 +207,14 @@ def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=Fal
         elif not _harmless(key, tcfg):
             groups["unet"]["<unknown> " + key] = (shape, get)  # reported as unexpected
     sd2 = family == "SD 2.x"
-    if prediction_type is None:
-        prediction_type = "v_prediction" if sd2 else "epsilon"
-        if sd2:
+    if saved is None:
+        if prediction_type is None and sd2:
             print(f"sdlens: {os.path.basename(path)} is SD 2.x, assuming v-prediction (the 768-v models); "
                   "pass prediction_type='epsilon' (--prediction-type epsilon) for the 512 base models")
+        sched = DDIMConfig(prediction_type="v_prediction" if sd2 else "epsilon")
+        size = 768 if sd2 and prediction_type in (None, "v_prediction") else 512
+    if prediction_type is not None:
+        sched = dataclasses.replace(sched, prediction_type=prediction_type)
     with torch.device("meta"):
         unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
     where = f"{path} ({family} single file)"
@@ -201,8 +223,7 @@ def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=Fal
         vae=fill(vae, groups["vae"], "VAE", where, torch.float32, device),
         text_encoder=fill(text, groups["text"], "text encoder", where, dtype, device),
         tokenizer=_tokenizer(TOKENIZER_DIR, "!" if sd2 else None),  # SD 2 pads with "!" (id 0)
-        scheduler=DDIMConfig(prediction_type=prediction_type),
-        default_size=768 if prediction_type == "v_prediction" else 512)
+        scheduler=sched, default_size=size)
 
 
 def _read_json(path):

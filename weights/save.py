@@ -1,18 +1,20 @@
-"""Write a pipeline as a diffusers-format folder (the layout sdlens-tiny ships in).
+"""Write a pipeline as a diffusers-format folder (the layout sdlens-tiny ships in) or as one
+original-layout single file.
 
-The inverse of `load_folder`: configs in diffusers' field names, tensors renamed by the same
-one-direction rules in convert.py. Written to a temporary folder and renamed at the end, so an
+The inverse of the loaders: configs in diffusers' field names, tensors renamed by the same
+one-direction rules in convert.py. Written to a temporary path and renamed at the end, so an
 interrupted save never leaves a half-written model.
 """
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 
 import torch
 from safetensors.torch import save_file
 
-from .convert import unet_to_diffusers, vae_to_diffusers, vae_tensor_to_diffusers
+from .convert import to_single_file, unet_to_diffusers, vae_to_diffusers, vae_tensor_to_diffusers
 
 
 def diffusers_configs(sd):
@@ -76,6 +78,33 @@ def save_folder(sd, path, dtype=torch.float16):
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_single_file(sd, path, dtype=torch.float16):
+    """Write `sd` as one LDM-layout safetensors file (SD 1 text layout); refuses to overwrite.
+
+    The keys show the shapes but not head counts, group-norm groups, the activation, the latent
+    scale or the scheduler (LDM keeps those in its yaml), so the configs go into the file's
+    metadata and `load` uses them: a non-standard model such as sdlens-tiny loads back exactly.
+    Files without this metadata (every public checkpoint) get the SD 1/2 presets.
+    """
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; remove it or choose another file")
+    u, v = sd.unet.cfg, sd.vae.cfg
+    state = to_single_file({unet_to_diffusers(k, u): t for k, t in sd.unet.state_dict().items()},
+                           {vae_to_diffusers(k, v): t for k, t in sd.vae.state_dict().items()},
+                           sd.text_encoder.state_dict(), u, v)
+    configs = {"unet": asdict(u), "vae": asdict(v), "text": asdict(sd.text_encoder.cfg),
+               "scheduler": asdict(sd.scheduler), "default_size": sd.default_size}
+    meta = {"sdlens": json.dumps(configs)}
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".saving-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file({k: t.detach().to("cpu", dtype).contiguous() for k, t in state.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
         raise
 
 
