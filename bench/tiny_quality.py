@@ -4,7 +4,8 @@
 
 Prints: prompt following (colour, shape, position) over prompt/seed pairs the training never
 drew (seeds from 10_000 up), per-shape and per-colour rates; DDIM inversion + reconstruction
-PSNR of rendered scenes at guidance 1; and the CPU time of load() plus one 50-step generation.
+PSNR of rendered scenes at guidance 1; the checker's shape rate on VAE round trips of rendered
+scenes (the ceiling any UNet on this VAE can reach); and the CPU time of load() plus one 50-step generation.
 """
 import argparse
 import itertools
@@ -67,6 +68,22 @@ def inversion_psnr(sd, n=16, steps=50):
     return float(np.mean(values)), float(np.mean(vae_only))
 
 
+def vae_ceiling(sd, n=20):
+    """Shape rate of the checker on VAE round trips of rendered scenes, per shape and size: what a
+    UNet that matched the data perfectly would score, since every sample passes this decoder."""
+    rng, out = random.Random(123), {}
+    for shape, size in itertools.product(SHAPES, SIZES):
+        ok = 0
+        for i in range(n):
+            sc = scene_from(shape, rng.choice(list(COLORS)), size, rng.choice(list(POSITIONS)),
+                            rng.choice(list(BACKGROUNDS)), rng.choice(["plain", "stripes", "gradient"]), seed=i)
+            x = sdlens.pipeline.to_tensor(render(sc, random.Random(i)))
+            rec = sdlens.pipeline.to_pil(sd.decode_latents(sd.encode_image(x)))[0]
+            ok += check(rec, sc.objects[0].color, shape)["shape"]
+        out[shape, size] = ok / n
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -91,6 +108,11 @@ def main():
         for g, rs in groups.items():
             print(f"| {g:10} | {np.mean([r['color'] for r in rs]) * 100:8.1f} | {np.mean([r['shape'] for r in rs]) * 100:7.1f} "
                   f"| {np.mean([r['position'] for r in rs]) * 100:10.1f} |")
+    ceiling = vae_ceiling(sd)
+    print(f"\nshape % of VAE round trips of rendered scenes (the ceiling for generation), 20 per cell")
+    print("| size  | " + " | ".join(f"{s:8}" for s in SHAPES) + " |")
+    for size in SIZES:
+        print(f"| {size:5} | " + " | ".join(f"{ceiling[s, size] * 100:8.0f}" for s in SHAPES) + " |")
     inv, vae = inversion_psnr(sd)
     print(f"\nDDIM inversion + reconstruction at guidance 1, 50 steps, 16 rendered scenes: PSNR {inv:.2f} dB "
           f"(VAE alone: {vae:.2f} dB)")

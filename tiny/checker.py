@@ -88,6 +88,13 @@ def classify_shape(mask):
     return "triangle"
 
 
+def object_mask(img, color):
+    """Pixels nearer to `color` than to any background colour (no distance cut-off)."""
+    ref = np.array([COLORS[color]] + list(BACKGROUNDS.values()), dtype=np.float32)
+    x = np.asarray(img, dtype=np.float32)[..., :3]
+    return np.linalg.norm(x[:, :, None, :] - ref[None, None], axis=-1).argmin(-1) == 0
+
+
 def position_ok(cx, cy, position):
     """Centroid (fractions of the side) in the region the position word names."""
     return {"left": cx < 0.42, "right": cx > 0.58, "top": cy < 0.42, "bottom": cy > 0.58,
@@ -102,8 +109,10 @@ def check(img, color, shape, position=None):
     want = lab == NAMES.index(color)
     color_ok = want.sum() >= MIN_AREA and want.sum() >= 0.5 * n_obj.sum()
     # Judge shape and position on the asked colour's blob if there is one, else on any object blob,
-    # so that a wrong colour does not also count as a wrong shape.
-    blob = largest_component(want if want.sum() >= MIN_AREA else n_obj)
+    # so that a wrong colour does not also count as a wrong shape. The shape mask cuts at the
+    # colour midway to the background (a blurred edge's 50% line): the palette labels above drop
+    # blended edge pixels, which shrinks a soft shape and rounds a small star's points away.
+    blob = largest_component(object_mask(img, color) if want.sum() >= MIN_AREA else n_obj)
     found = classify_shape(blob)
     result = {"color": bool(color_ok), "shape": found == shape, "found": found, "position": None}
     if position is not None:
