@@ -9,20 +9,12 @@ import pytest
 
 import sdlens
 from sdlens.editing import PromptToPrompt
-from sdlens.tiny.checker import NAMES, check, label_pixels
+from sdlens.tiny.checker import check, mask_iou
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return sdlens.load()
-
-
-def mask(img, color):
-    return label_pixels(np.asarray(img)) == NAMES.index(color)
-
-
-def iou(a, b):
-    return (a & b).sum() / max((a | b).sum(), 1)
 
 
 def test_p2p_colour_swap_keeps_layout(tiny):
@@ -33,8 +25,8 @@ def test_p2p_colour_swap_keeps_layout(tiny):
         r = PromptToPrompt(tiny, src, [tgt], steps=50).run(seed=seed)
         a, b = sdlens.pipeline.to_pil(r.images)
         c = tiny.generate(tgt, seed=seed, progress=False)[0]
-        kept.append(iou(mask(a, "red"), mask(b, "blue")))
-        regen.append(iou(mask(a, "red"), mask(c, "blue")))
+        kept.append(mask_iou(a, b, "red", "blue"))
+        regen.append(mask_iou(a, c, "red", "blue"))
         obeyed += check(b, "blue", "star")["color"]
     print(f"layout IoU: P2P {np.mean(kept):.2f} {np.round(kept, 2)}, regenerated {np.mean(regen):.2f} {np.round(regen, 2)}")
     assert np.mean(kept) > 0.5 and np.mean(kept) > np.mean(regen) + 0.15, (kept, regen)

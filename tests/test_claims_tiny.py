@@ -16,21 +16,13 @@ import sdlens
 from sdlens.editing import PromptToPrompt, invert_image
 from sdlens.editing.pnp import inversion_latents, translate
 from sdlens.pipeline import to_tensor
-from sdlens.tiny.checker import NAMES, check, label_pixels
+from sdlens.tiny.checker import check, mask_iou
 from sdlens.tiny.scenes import render, scene_from
 
 
 @pytest.fixture(scope="module")
 def tiny():
     return sdlens.load()
-
-
-def mask(img, color):
-    return label_pixels(np.asarray(img)) == NAMES.index(color)
-
-
-def iou(a, b):
-    return (a & b).sum() / max((a | b).sum(), 1)
 
 
 def psnr(a, b):
@@ -72,8 +64,8 @@ def test_pnp_translation_keeps_structure(tiny):
         res = sdlens.pipeline.to_pil(translate(tiny, None, f"a big blue {shape}", latents=zs, steps=50).images)[0]
         base = sdlens.pipeline.to_pil(translate(tiny, None, f"a big blue {shape}", latents=zs, steps=50,
                                                 feature_injection=0.0, attention_injection=0.0).images)[0]
-        kept.append(iou(mask(img, "red"), mask(res, "blue")))
-        sdedit.append(iou(mask(img, "red"), mask(base, "blue")))
+        kept.append(mask_iou(img, res, "red", "blue"))
+        sdedit.append(mask_iou(img, base, "red", "blue"))
         obeyed += check(res, "blue", shape)["color"]
     assert np.mean(kept) > 0.5 and np.mean(kept) > np.mean(sdedit) + 0.1, (kept, sdedit)
     assert obeyed >= 2

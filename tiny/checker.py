@@ -12,7 +12,7 @@ from collections import deque
 
 import numpy as np
 
-from .scenes import BACKGROUNDS, COLORS, SIZE
+from .scenes import BACKGROUNDS, COLORS
 
 PALETTE = np.array(list(COLORS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)
 NAMES = list(COLORS) + [f"bg:{k}" for k in BACKGROUNDS]
@@ -93,6 +93,14 @@ def object_mask(img, color):
     ref = np.array([COLORS[color]] + list(BACKGROUNDS.values()), dtype=np.float32)
     x = np.asarray(img, dtype=np.float32)[..., :3]
     return np.linalg.norm(x[:, :, None, :] - ref[None, None], axis=-1).argmin(-1) == 0
+
+
+def mask_iou(a, b, color_a, color_b=None):
+    """IoU of the palette masks of `color_a` in image a and `color_b` (default the same) in image b:
+    how well an edit keeps an object's layout."""
+    ma = label_pixels(a) == NAMES.index(color_a)
+    mb = label_pixels(b) == NAMES.index(color_b or color_a)
+    return (ma & mb).sum() / max((ma | mb).sum(), 1)
 
 
 def position_ok(cx, cy, position):
