@@ -24,7 +24,9 @@ from ..hooks import StepContext
 from ..schedulers import invert, sample
 
 FEATURE_LAYERS = ("output_blocks.4.0",)
-ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in range(4, 12))  # in SD
+# The official list for SD (pnp-diffusers: decoder layers 4-11). `decoder_self_attention` is the
+# default rule; on SD it gives exactly these (tests/test_pnp.py checks it).
+ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in range(4, 12))
 
 
 def decoder_self_attention(sd, first=4):
