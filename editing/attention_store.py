@@ -4,8 +4,6 @@ Built on the public hook API: it hooks `attn1/attn2.hook_probs` of the layers wh
 most `max_size` x `max_size` (official P2P: 32x32), so the large self-attention maps are never
 materialised, and keeps the rows that `hook.ctx.rows["cond"]` names.
 """
-from collections import defaultdict
-
 import torch
 
 
@@ -26,7 +24,7 @@ class AttentionStore:
                 hw = (-(-self.latent_hw[0] // f), -(-self.latent_hw[1] // f))
                 if max(hw) <= max_size:
                     self.sizes[n] = hw
-        self.sums = defaultdict(lambda: 0)
+        self.sums = {}
         self.steps = set()
 
     def hook(self, probs, hook):
@@ -35,8 +33,11 @@ class AttentionStore:
             rows = hook.ctx.rows.get("cond")
             if rows is None:  # an unconditional-only pass (low-memory mode): nothing to keep
                 return None
-        p = probs[rows] if rows is not None else probs
-        self.sums[hook.name] = self.sums[hook.name] + p.detach().float().mean(1)  # mean over heads
+        p = (probs[rows] if rows is not None else probs).detach().float().mean(1)  # mean over heads
+        if hook.name in self.sums:
+            self.sums[hook.name].add_(p)
+        else:
+            self.sums[hook.name] = p
         if hook.ctx is not None:
             self.steps.add(hook.ctx.step)
         return None

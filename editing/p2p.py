@@ -115,9 +115,9 @@ class PromptToPrompt:
                 if len(token_ids(tok, t)) != src_len:
                     raise ValueError(f"word swap needs prompts of the same token count: {source!r} has {src_len}, "
                                      f"{t!r} has {len(token_ids(tok, t))}; use mode 'refine' to add or remove words")
-            self.mapper = torch.arange(n).expand(len(self.targets), n)
-            self.map_alphas = torch.ones(len(self.targets), n)
+            self.refine = False
         else:
+            self.refine = True
             pairs = [refine_mapper(tok, source, t, n) for t in self.targets]
             self.mapper = torch.stack([p[0] for p in pairs]) if pairs else torch.zeros(0, n, dtype=torch.long)
             self.map_alphas = torch.stack([p[1] for p in pairs]) if pairs else torch.zeros(0, n)
@@ -136,18 +136,27 @@ class PromptToPrompt:
         ctx = hook.ctx
         if ctx is None or not ctx.rows.get("target"):
             return None
+        a = self.cross[ctx.step]
+        if not a.any():  # past every word's range: the target keeps its own maps (official: re-weighting too)
+            return None
         src, tgt = ctx.rows["source"][0], ctx.rows["target"]
         base, own = probs[src], probs[tgt]  # [h, q, k], [T, h, q, k]
         dev = probs.device
-        idx = self.mapper.to(dev)
-        repl = torch.stack([base[..., idx[i]] for i in range(len(tgt))])  # refine: source map by alignment
-        a_map = self.map_alphas.to(dev, probs.dtype)[:, None, None, :]
-        repl = repl * a_map + own * (1 - a_map)
+        if self.refine:  # aligned tokens take the source map, new tokens keep their own
+            idx = self.mapper.to(dev)
+            repl = torch.stack([base[..., idx[i]] for i in range(len(tgt))])
+            a_map = self.map_alphas.to(dev, probs.dtype)[:, None, None, :]
+            repl = repl * a_map + own * (1 - a_map)
+        else:  # word swap: the token positions match one to one
+            repl = base.expand_as(own)
         if self.eq is not None:
             repl = repl * self.eq.to(dev, probs.dtype)[:, None, None, :]
-        a = self.cross[ctx.step].to(dev, probs.dtype)[:, None, None, :]
         out = probs.clone()
-        out[tgt] = repl * a + own * (1 - a)
+        if a.all():
+            out[tgt] = repl
+        else:
+            a = a.to(dev, probs.dtype)[:, None, None, :]
+            out[tgt] = repl * a + own * (1 - a)
         return out
 
     def edit_self(self, probs, hook):

@@ -40,7 +40,7 @@ class Attention(nn.Module):
         if self.hook_probs.fns:
             if self.upcast:  # SD 2.1-v overflows fp16 in q k^T; the original upcasts here
                 q, k = q.float(), k.float()
-            scores = (q @ k.transpose(-1, -2)) * self.scale
+            scores = (q * self.scale) @ k.transpose(-1, -2)  # scaling q is cheaper than the scores
             probs = self.hook_probs(scores.softmax(dim=-1).to(v.dtype))
             out = probs @ v
         else:
