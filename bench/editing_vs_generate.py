@@ -6,9 +6,9 @@
 - Prompt-to-Prompt: one edit of source + target against `generate` of the same two prompts;
 - null-text inversion of one image (50 steps, up to 10 inner steps each);
 - Plug-and-Play: a whole translation including its inversion, against `generate` of one image.
-Each job runs in a fresh child process, so its peak memory can be read: on CUDA the allocator's
-peak, on the CPU the growth of the peak resident set over the loaded model during the first run.
-Times are the best of `--repeats` runs after that one.
+Times: each job and its baseline run in one child process, interleaved `--repeats` times after
+a warm-up; the ratio is the median of the paired ratios. Peak memory: each job alone in a fresh
+child process (on CUDA the allocator's peak, on the CPU the growth of the peak resident set).
 """
 import argparse
 import json
@@ -39,17 +39,14 @@ def build(args):
     return StableDiffusion(unet, vae, text, _tokenizer(TOKENIZER_DIR), DDIMConfig(), default_size=512)
 
 
-def job(args, name, q):
-    sd = build(args)
-    cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+def make_runs(args, sd):
     size, steps = args.size or sd.default_size, args.steps
     from sdlens.editing import PromptToPrompt, invert_image
     from sdlens.editing.pnp import translate
     image = sd.generate("a big red star on the left", steps=2, seed=1, height=size, width=size, output="tensor",
                         progress=False)
     src, tgt = "a big red circle on the left", "a big blue circle on the left"
-    runs = {
+    return {
         "generate2": lambda: sd.generate([src, tgt], steps=steps, seed=0, height=size, width=size, progress=False),
         "p2p": lambda: PromptToPrompt(sd, src, [tgt], steps=steps).run(seed=0, height=size, width=size),
         "p2p_low_memory": lambda: PromptToPrompt(sd, src, [tgt], steps=steps).run(seed=0, height=size, width=size,
@@ -58,25 +55,58 @@ def job(args, name, q):
         "generate1": lambda: sd.generate(src, steps=steps, seed=0, height=size, width=size, progress=False),
         "pnp": lambda: translate(sd, image, "a big blue star on the left", steps=steps),
     }
-    # CPU: the peak resident set only grows, so read the baseline before the first run (the model
-    # and inputs are loaded; the job's own buffers are not). CUDA: the allocator's exact peak.
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    runs[name]()  # warm-up (and, on the CPU, the memory measurement)
-    sync()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def memory_job(args, name, q):
+    """Peak memory of one job, alone in a fresh process. CPU: the peak resident set only grows, so
+    the baseline is read before the first run (model and inputs loaded). CUDA: the allocator's peak."""
+    sd = build(args)
+    run = make_runs(args, sd)[name]
+    cuda = args.device.startswith("cuda")
     if cuda:
+        run()  # warm-up: cuDNN/cuBLAS workspaces are not the job's memory
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    seconds = []
-    for _ in range(args.repeats):  # the best of a few runs: CPU timings are noisy
-        t0 = time.perf_counter()
-        runs[name]()
-        sync()
-        seconds.append(time.perf_counter() - t0)
-    seconds = min(seconds)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    q.put((name, seconds, peak))
+        run()
+        torch.cuda.synchronize()
+        q.put(torch.cuda.max_memory_allocated() - base)
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        run()
+        q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def time_job(args, names, q):
+    """Times of `names` in one process, interleaved (A B A B ...), so that both see the same
+    machine state: CPU speed drifts by tens of percent between processes, far less between
+    neighbouring runs. -> per name its list of times."""
+    sd = build(args)
+    runs = make_runs(args, sd)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for n in names:  # warm-up
+        runs[n]()
+    sync()
+    times = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for n in names:
+            t0 = time.perf_counter()
+            runs[n]()
+            sync()
+            times[n].append(time.perf_counter() - t0)
+    q.put(times)
+
+
+def in_child(target, *a):
+    q = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(target=target, args=a + (q,))
+    p.start()
+    out = q.get()
+    p.join()
+    return out
+
+
+PAIRS = {"p2p": "generate2", "p2p_low_memory": "generate2", "pnp": "generate1", "null_text": None}
 
 
 def main():
@@ -87,27 +117,25 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--only", nargs="+", default=None)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only", nargs="+", choices=list(PAIRS), default=list(PAIRS))
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    out = {}
-    for name in args.only or ["generate2", "p2p", "p2p_low_memory", "null_text", "generate1", "pnp"]:
-        q = ctx.Queue()
-        p = ctx.Process(target=job, args=(args, name, q))
-        p.start()
-        n, s, m = q.get()
-        p.join()
-        out[n] = (s, m)
-        print(f"{n:15s} {s:8.2f} s   peak +{m / 2 ** 20:8.1f} MiB", flush=True)
-    r = lambda a, b: f"{out[a][0] / out[b][0]:.2f}x time, {out[a][1] / max(out[b][1], 1):.2f}x peak memory"
-    if "p2p" in out and "generate2" in out:
-        print(f"p2p edit / generate of the same two prompts: {r('p2p', 'generate2')}")
-    if "p2p_low_memory" in out and "generate2" in out:
-        print(f"p2p low-memory / generate of two prompts:    {r('p2p_low_memory', 'generate2')}")
-    if "pnp" in out and "generate1" in out:
-        print(f"pnp translation incl. inversion / generate of one image: {r('pnp', 'generate1')}")
-    print(json.dumps({k: {"seconds": round(v[0], 3), "peak_bytes": v[1]} for k, v in out.items()}), file=sys.stderr)
+    report = {}
+    for job in args.only:
+        base = PAIRS[job]
+        names = [job] + ([base] if base else [])
+        times = in_child(time_job, args, names)
+        mem = {n: in_child(memory_job, args, n) for n in names}
+        line = f"{job:15s} {min(times[job]):8.2f} s   peak +{mem[job] / 2 ** 20:8.1f} MiB"
+        if base:
+            ratios = sorted(a / b for a, b in zip(times[job], times[base]))
+            ratio = ratios[len(ratios) // 2]
+            line += (f"   vs {base} {min(times[base]):.2f} s, peak +{mem[base] / 2 ** 20:.1f} MiB: "
+                     f"{ratio:.2f}x time (median of {len(ratios)} interleaved pairs), "
+                     f"{mem[job] / max(mem[base], 1):.2f}x peak memory")
+        print(line, flush=True)
+        report[job] = {"seconds": times, "peak_bytes": mem}
+    print(json.dumps(report), file=sys.stderr)
 
 
 if __name__ == "__main__":
