@@ -33,6 +33,16 @@ def add_model_args(p):
     p.add_argument("--allow-pickle", action="store_true", help="load a trusted .ckpt/.pt (weights_only)")
 
 
+def add_sampling_args(p, out_help, seed=True):
+    """The options every sampling command shares (official P2P/PnP defaults: 50 steps, w = 7.5)."""
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--force", action="store_true", help="overwrite what --out names if it exists")
+
+
 def parser():
     ap = argparse.ArgumentParser(prog="python -m sdlens", description="Stable Diffusion, readable and hookable.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -40,14 +50,10 @@ def parser():
     add_model_args(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--eta", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--out", required=True, help="PNG file to write")
-    g.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_sampling_args(g, "PNG file to write")
     p = sub.add_parser("p2p", help="Prompt-to-Prompt edit of a generated or real image")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="source prompt (describes --image when one is given)")
@@ -59,12 +65,8 @@ def parser():
     p.add_argument("--equalize", nargs="+", metavar="WORD=WEIGHT", help="re-weight words of the target, e.g. car=2")
     p.add_argument("--image", help="edit this real image (centre-cropped, resized) instead of a generated one")
     p.add_argument("--inversion", default="null-text", choices=("ddim", "null-text", "negative-prompt", "direct"))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--low-memory", action="store_true", help="unconditional and conditional rows in separate passes")
-    p.add_argument("--out", required=True, help="folder for source.png, edit.png, attention.png")
-    p.add_argument("--force", action="store_true", help="overwrite files in --out")
+    add_sampling_args(p, "folder for source.png, edit.png, attention.png")
 
     q = sub.add_parser("pnp", help="Plug-and-Play translation of a real image")
     add_model_args(q)
@@ -78,10 +80,7 @@ def parser():
     q.add_argument("--attention-injection", type=float, default=0.5)
     q.add_argument("--feature-layers", nargs="+", default=None, help="ResBlocks to inject (default output_blocks.4.0)")
     q.add_argument("--attention-layers", nargs="+", default=None, help="attn1 modules (default decoder layers 4-11)")
-    q.add_argument("--steps", type=int, default=50)
-    q.add_argument("--guidance", type=float, default=7.5)
-    q.add_argument("--out", required=True, help="folder for guidance.png and pnp.png")
-    q.add_argument("--force", action="store_true")
+    add_sampling_args(q, "folder for guidance.png and pnp.png", seed=False)
 
     f = sub.add_parser("features", help="feature views")
     fsub = f.add_subparsers(dest="view", required=True)
