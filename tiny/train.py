@@ -47,14 +47,18 @@ def log(msg, t0):
     print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
 
-def fit_reconstruction(name, vae, encode, opt, sched, steps, batch, rng, t0):
-    """The reconstruction loop both VAE stages share: `encode(x)` -> (latents, extra loss)."""
+def fit_reconstruction(name, vae, encode, opt, sched, steps, batch, rng, t0, edge=0.0):
+    """The reconstruction loop the VAE stages share: `encode(x)` -> (latents, extra loss).
+    `edge` weighs an L1 loss on neighbouring-pixel differences: plain MSE + L1 is content to
+    round a 7-px star's points off, a loss on the image's gradients is not."""
     run = 0.0
     for step in range(1, steps + 1):
         x, _ = batch_images(rng, batch)
         z, extra = encode(x)
         rec = vae.decode(z)
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + extra
+        if edge:
+            loss = loss + edge * sum(F.l1_loss(rec.diff(dim=d), x.diff(dim=d)) for d in (2, 3))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,20 +70,21 @@ def fit_reconstruction(name, vae, encode, opt, sched, steps, batch, rng, t0):
     return run
 
 
-def train_vae(steps, batch, seed, t0):
+def train_vae(steps, batch, seed, t0, vae=None, lr=1e-3, edge=0.0):
+    """Stage 1 from scratch, or (given `vae`) a joint encoder + decoder fine-tune on new scenes."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    vae = AutoencoderKL(VAE)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    rng = random.Random(seed if vae is None else seed + 7)
+    vae = AutoencoderKL(VAE) if vae is None else vae.float().train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
 
     def sample_posterior(x):
         mean, logvar = vae.encode(x)
         kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         return mean + torch.randn_like(mean) * (0.5 * logvar).exp(), 1e-6 * kl
 
-    run = fit_reconstruction("vae", vae, sample_posterior, opt, sched, steps, batch, rng, t0)
-    return vae.eval(), run
+    run = fit_reconstruction("vae", vae, sample_posterior, opt, sched, steps, batch, rng, t0, edge)
+    return vae.eval().requires_grad_(False), run
 
 
 @torch.no_grad()
@@ -169,9 +174,13 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scenes", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--finetune-decoder", metavar="FOLDER", default=None,
-                    help="instead of training from scratch: load FOLDER and run only the decoder stage")
-    ap.add_argument("--decoder-steps", type=int, default=800)
+    ap.add_argument("--finetune-vae", metavar="FOLDER", default=None,
+                    help="instead of training from scratch: load FOLDER, fine-tune its VAE's encoder and decoder "
+                         "--vae-steps at --vae-lr with --edge-weight, rescale its latents; the UNet must then be "
+                         "retrained on them (--resume)")
+    ap.add_argument("--vae-lr", type=float, default=1e-3)
+    ap.add_argument("--edge-weight", type=float, default=0.0)
+    ap.add_argument("--decoder-steps", type=int, default=800, help="with --resume; 0 skips the decoder stage")
     ap.add_argument("--resume", metavar="FOLDER", default=None,
                     help="continue from FOLDER: re-encode the scenes with its VAE, train the UNet and text encoder "
                          "--unet-steps more, then fine-tune the decoder")
@@ -182,15 +191,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     log(f"args {vars(args)}", t0)
-    if args.finetune_decoder:
+    if args.finetune_vae:
         from .. import load
-        sd = load(args.finetune_decoder)
-        loss = finetune_decoder(sd, args.decoder_steps, args.vae_batch, args.seed, t0)
+        sd = load(args.finetune_vae)
+        sd.vae, loss = train_vae(args.vae_steps, args.vae_batch, args.seed, t0, sd.vae, args.vae_lr, args.edge_weight)
+        lat, _ = encode_dataset(sd.vae, min(args.scenes, 4096), args.seed, t0)
+        scale = round(1.0 / lat.std().item(), 5)
+        sd.vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": scale})
         save_folder(sd, args.out)
-        with open(os.path.join(args.finetune_decoder, "training.json")) as f:
-            stats = json.load(f)
-        stats.update({"decoder_finetune_seconds": round(time.time() - t0, 1), "decoder_final_loss": round(loss, 5),
-                      "decoder_args": vars(args)})
+        with open(os.path.join(args.finetune_vae, "training.json")) as f:
+            history = json.load(f)
+        stats = {"seconds": round(time.time() - t0, 1), "vae_final_loss": round(loss, 5), "scaling_factor": scale,
+                 "args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "previous_stage": history}
         with open(os.path.join(args.out, "training.json"), "w") as f:
             json.dump(stats, f, indent=2)
         log(f"wrote {args.out}", t0)
@@ -215,13 +228,15 @@ def main(argv=None):
     unet, text, unet_loss = train_unet(lat * scale, ids, args.unet_steps, args.unet_batch, args.lr, args.seed, t0, init)
     vae.cfg = VAEConfig(**{**VAE.__dict__, "scaling_factor": round(scale, 5)})
     sd = StableDiffusion(unet, vae, text, tok, DDIMConfig(), default_size=SIZE)
-    decoder_loss = finetune_decoder(sd, args.decoder_steps, args.vae_batch, args.seed, t0) if args.resume else None
+    decoder_loss = None
+    if args.resume and args.decoder_steps:
+        decoder_loss = finetune_decoder(sd, args.decoder_steps, args.vae_batch, args.seed, t0)
     save_folder(sd, args.out)
     stats = {"seconds": round(time.time() - t0, 1), "vae_final_loss": round(vae_loss, 5),
              "unet_final_loss": round(unet_loss, 5), "scaling_factor": round(scale, 5), "args": vars(args),
              "torch": torch.__version__, "threads": torch.get_num_threads()}
     if history is not None:
-        stats.update({"decoder_final_loss": round(decoder_loss, 5), "previous_stage": history})
+        stats.update({"decoder_final_loss": decoder_loss and round(decoder_loss, 5), "previous_stage": history})
     with open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(stats, f, indent=2)
     log(f"wrote {args.out}: {stats}", t0)
