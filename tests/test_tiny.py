@@ -33,8 +33,9 @@ def test_default_model_is_bundled_and_small(tiny):
 
 def test_follows_colour_shape_and_position(tiny):
     """Fixed seeds and prompts; judged by the checker. The bench measures the rates on 120 pairs
-    (this model: colour 99%, position 100%, shape 58%, where the VAE caps shape at about 67%;
-    chance is 12.5%, 20-50% and 25%). This run: 8/8, 8/8 and 5/8; one miss of margin each."""
+    (this model: colour 100%, position 100%, shape 88%, where the VAE caps shape at about 82%
+    of rendered scenes; chance is 12.5%, 20-50% and 25%). This run: 8/8, 8/8 and 7/8; one miss
+    of margin each."""
     asks = [("red", "circle", "left"), ("blue", "square", "right"), ("yellow", "star", "center"),
             ("green", "triangle", "top"), ("purple", "square", "bottom"), ("orange", "circle", "right"),
             ("cyan", "triangle", "left"), ("pink", "star", "top")]
@@ -43,7 +44,7 @@ def test_follows_colour_shape_and_position(tiny):
     images = tiny.generate(prompts, steps=30, guidance_scale=7.5, seed=1, progress=False)
     results = [check(im, c, s, p) for im, (c, s, p) in zip(images, asks)]
     colour, shape, position = (sum(r[k] for r in results) for k in ("color", "shape", "position"))
-    assert colour >= 7 and position >= 7 and shape >= 4, results
+    assert colour >= 7 and position >= 7 and shape >= 6, results
 
 
 def test_round_trips_through_its_layout(tiny, tmp_path):
