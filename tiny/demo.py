@@ -46,7 +46,7 @@ EDITS = [("a big red circle on the left", "a big blue circle on the left", "repl
          ("a big yellow star in the center", "a big yellow square in the center", "replace", None),
          ("a small green triangle at the top", "a small green triangle at the top on a black background", "refine", None),
          ("a big purple square next to a yellow circle", "a big purple square next to a yellow circle", "reweight",
-          {"yellow": -1.0})]
+          {"yellow": -2.0})]  # -1 leaves this model's circle yellow; -2 turns it purple
 
 
 def run(sd, out, seed=0, steps=50, guidance=7.5):
