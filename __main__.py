@@ -167,7 +167,7 @@ def cmd_p2p(args):
                       os.path.join(args.out, "attention.png"))
     save_image_atomic(cross_attention_grid(res.images[1], maps[1], token_labels(sd.tokenizer, args.target)),
                       os.path.join(args.out, "attention_edit.png"))
-    save_image_atomic(self_attention_components(res.store.aggregate(size, kind="attn1")[0]),
+    save_image_atomic(self_attention_components(res.store.aggregate(size, kind="self_attention")[0]),
                       os.path.join(args.out, "self_attention.png"))
     print(os.path.abspath(args.out))
 

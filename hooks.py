@@ -7,7 +7,11 @@ None to observe or a tensor to replace the value. `hook.name` is the point's nam
 is the sampler's per-step `StepContext`.
 
 Hooks are global state on the model, so they are only attached through `model.hooks(...)`, a
-context manager that always detaches them, even when the body raises.
+context manager that always detaches them, even when the body raises. The same holds for the step
+context: the sampler sets it with `model.step_context(ctx)`, which always restores the previous one.
+
+Every point also knows where it is (`model.hook_info(name)`: place, block, level, kind), recorded
+when the model is built. Code that picks layers asks that, never the name's spelling.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +34,29 @@ class StepContext:
     rows: Dict[str, List[int]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class HookInfo:
+    """Where a hook point sits in the model, recorded when the model is built.
+
+    kind: "resblock", "self_attention", "cross_attention", "transformer" (a spatial transformer's
+    output), "block" (the output of one numbered input/middle/output block) or "model" (the
+    model's output). point: the value seen, "h", "out", "q", "k", "v" or "probs".
+    place: "down", "mid", "up", or "" for the model output. block: the index in input_blocks /
+    output_blocks (0 for the middle block, -1 for the model output). level: the feature map is
+    2**level times smaller than the latent (`downscale`)."""
+    name: str
+    module: str
+    point: str
+    kind: str
+    place: str
+    block: int
+    level: int
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** self.level
+
+
 class HookPoint(nn.Module):
     """Identity unless hook functions are attached."""
 
@@ -37,6 +64,7 @@ class HookPoint(nn.Module):
         super().__init__()
         self.fns: List[Callable] = []
         self.name: Optional[str] = None
+        self.info: Optional[HookInfo] = None  # set by the owning model when it is built
         self.owner = None  # set by HookedModule; a plain attribute, not a submodule
 
     @property
@@ -71,17 +99,43 @@ class HookedModule(nn.Module):
 
     ctx: Optional[StepContext] = None
 
-    def setup_hooks(self):
-        """Name every HookPoint by its module path. Call at the end of __init__."""
+    def setup_hooks(self, infos: Optional[Dict[str, HookInfo]] = None):
+        """Name every HookPoint by its module path and give it its `HookInfo`. Call at the end of
+        __init__; `infos` maps names to where the points are (the model knows, having built them)."""
         self._hook_points = {}
         for name, m in self.named_modules():
             if isinstance(m, HookPoint):
                 m.name = name
+                m.info = (infos or {}).get(name)
                 object.__setattr__(m, "owner", self)  # avoid registering a parent as a child
                 self._hook_points[name] = m
 
-    def hook_names(self) -> List[str]:
-        return list(self._hook_points)
+    def hook_names(self, **where) -> List[str]:
+        """All hook point names, or those whose `HookInfo` fields equal `where`, e.g.
+        `hook_names(kind="cross_attention", point="probs")` or `hook_names(place="up", kind="resblock")`."""
+        bad = [k for k in where if k not in HookInfo.__dataclass_fields__ and k != "downscale"]
+        if bad:
+            raise TypeError(f"hook_names() got unknown field {bad[0]!r}; fields: "
+                            f"{', '.join(HookInfo.__dataclass_fields__)}, downscale")
+        return [n for n, hp in self._hook_points.items()
+                if all(hp.info is not None and getattr(hp.info, k) == v for k, v in where.items())]
+
+    def hook_info(self, name: str) -> HookInfo:
+        """Where hook point `name` is: place, block, level, kind (see `HookInfo`)."""
+        info = self.hook_point(name).info
+        if info is None:
+            raise KeyError(f"hook point {name!r} has no recorded place; its model did not pass infos to setup_hooks")
+        return info
+
+    @contextmanager
+    def step_context(self, ctx: Optional[StepContext]):
+        """`with model.step_context(StepContext(...)):` what hooks see as `hook.ctx` inside; the
+        previous context comes back on exit, even when the body raises."""
+        prev, self.ctx = self.ctx, ctx
+        try:
+            yield ctx
+        finally:
+            self.ctx = prev
 
     def hook_point(self, name: str) -> HookPoint:
         if name not in self._hook_points:

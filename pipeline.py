@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from .hooks import StepContext
-from .schedulers import DDIMConfig, sample
+from .schedulers import DDIMConfig, classifier_free_guidance, sample
 
 
 class StableDiffusion:
@@ -79,12 +79,10 @@ class StableDiffusion:
                         {"cond": list(range(context.shape[0]))})
 
         def denoise(x, t, step):
-            self.unet.ctx = StepContext(step=step, t=int(t), num_steps=num_steps, rows=rows)
-            if not n:
-                return self.unet(x, t, context)
-            out = self.unet(torch.cat([x, x]), t, context)
-            u, c = out.chunk(2)
-            return u + guidance_scale * (c - u)
+            with self.unet.step_context(StepContext(step=step, t=int(t), num_steps=num_steps, rows=rows)):
+                if not n:
+                    return self.unet(x, t, context)
+                return classifier_free_guidance(*self.unet(torch.cat([x, x]), t, context).chunk(2), guidance_scale)
         return denoise
 
     # ---- generation ----
@@ -110,11 +108,8 @@ class StableDiffusion:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         x = latents.to(self.device, self.dtype)
-        try:
-            x = sample(self.denoiser(context, guidance_scale, steps), x, self.scheduler, steps, eta, generator,
-                       progress=progress)
-        finally:
-            self.unet.ctx = None
+        x = sample(self.denoiser(context, guidance_scale, steps), x, self.scheduler, steps, eta, generator,
+                   progress=progress)
         images = self.decode_latents(x)
         return images.cpu() if output == "tensor" else to_pil(images)
 

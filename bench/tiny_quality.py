@@ -64,7 +64,6 @@ def inversion_psnr(sd, n=16, steps=50):
             rec = sd.decode_latents(sample(denoise, zT, sd.scheduler, steps))
         values.append(psnr(rec, x))
         vae_only.append(psnr(sd.decode_latents(z0), x))
-    sd.unet.ctx = None
     return float(np.mean(values)), float(np.mean(vae_only))
 
 

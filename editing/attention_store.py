@@ -1,28 +1,28 @@
 """Record attention probabilities by place and resolution, averaged over sampling steps.
 
-Built on the public hook API: it hooks `attn1/attn2.hook_probs` of the layers whose maps are at
-most `max_size` x `max_size` (official P2P: 32x32), so the large self-attention maps are never
-materialised, and keeps the rows that `hook.ctx.rows["cond"]` names.
+Built on the public hook API: it hooks the `hook_probs` of the attention layers whose maps have
+at most `max_size`^2 queries (official P2P `AttentionStore`: 32^2), so the large self-attention
+maps are never materialised, and keeps the rows that `hook.ctx.rows["cond"]` names. Attach it
+after an editor's hooks to record the edited maps, as the official store does.
 """
+import math
+
 import torch
 
-
-def place(name: str) -> str:
-    """down / mid / up, from the checkpoint path (input_blocks / middle_block / output_blocks)."""
-    return {"input_blocks": "down", "middle_block": "mid", "output_blocks": "up"}.get(name.split(".")[0], "?")
+KINDS = ("cross_attention", "self_attention")
 
 
 class AttentionStore:
     def __init__(self, unet, latent_hw, max_size=32, cross=True, self_attn=True):
         """`latent_hw`: the latent's (h, w), which fixes every layer's map size."""
         self.unet, self.latent_hw = unet, tuple(latent_hw)
-        kinds = (["attn2"] if cross else []) + (["attn1"] if self_attn else [])
+        kinds = (["cross_attention"] if cross else []) + (["self_attention"] if self_attn else [])
         self.sizes = {}
-        for n in unet.hook_names():
-            if n.endswith("hook_probs") and n.split(".")[-2] in kinds:
-                f = unet.downscale(n)
-                hw = (-(-self.latent_hw[0] // f), -(-self.latent_hw[1] // f))
-                if max(hw) <= max_size:
+        for kind in kinds:
+            for n in unet.hook_names(kind=kind, point="probs"):
+                f = unet.hook_info(n).downscale
+                hw = (math.ceil(self.latent_hw[0] / f), math.ceil(self.latent_hw[1] / f))
+                if hw[0] * hw[1] <= max_size ** 2:
                     self.sizes[n] = hw
         self.sums = {}
         self.steps = set()
@@ -43,17 +43,26 @@ class AttentionStore:
         return None
 
     def hooks(self):
-        """{name: fn} to pass to `unet.hooks(...)`, alone or merged with an editor's hooks."""
+        """{name: fn} to pass to `unet.hooks(...)`, alone or after an editor's hooks."""
         return {n: self.hook for n in self.sizes}
 
     def largest(self, limit=16) -> int:
-        """The largest recorded map side that is at most `limit` (the usual aggregation size)."""
-        return max(s[0] for s in self.sizes.values() if s[0] <= limit)
+        """The largest recorded square map side that is at most `limit` (the usual aggregation size)."""
+        sides = [h for h, w in self.sizes.values() if h == w and h <= limit]
+        if not sides:
+            raise ValueError(f"no square attention maps of at most {limit}x{limit} were recorded "
+                             f"(sizes: {sorted(set(self.sizes.values()))})")
+        return max(sides)
 
-    def aggregate(self, size=16, places=("down", "mid", "up"), kind="attn2"):
-        """Maps averaged over steps, heads and the matching layers: [rows, size, size, keys]."""
+    def aggregate(self, size=16, places=("down", "mid", "up"), kind="cross_attention"):
+        """Maps averaged over steps, heads and the matching layers: [rows, size, size, keys].
+
+        `kind`: "cross_attention" or "self_attention"; `places`: of "down", "mid", "up"."""
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+        info = self.unet.hook_info
         maps = [self.sums[n] / max(1, len(self.steps)) for n in self.sizes
-                if n in self.sums and self.sizes[n] == (size, size) and place(n) in places and f".{kind}." in n]
+                if n in self.sums and self.sizes[n] == (size, size) and info(n).place in places and info(n).kind == kind]
         if not maps:
             raise ValueError(f"no {kind} maps of {size}x{size} were recorded (sizes: {sorted(set(self.sizes.values()))})")
         m = torch.stack(maps).mean(0)

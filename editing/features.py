@@ -4,6 +4,7 @@ As in the Plug-and-Play paper's feature figures: features of the guidance image'
 at a chosen step, projected on their top 3 principal components and shown as RGB. A set of images
 shares one PCA basis, so the same semantic part gets the same colour in every image.
 """
+import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -43,15 +44,14 @@ def collect(sd, latents: Sequence[torch.Tensor], t: int, names: Sequence[str], p
     ctx = sd.encode_prompt([prompt])
     out = {n: [] for n in names}
     for z in latents:
-        with sd.unet.record(lambda n: n in out) as store:
-            sd.unet.ctx = StepContext(step=0, t=t, num_steps=1, rows={"cond": [0]})
+        with sd.unet.record(lambda n: n in out) as store, \
+                sd.unet.step_context(StepContext(step=0, t=t, num_steps=1, rows={"cond": [0]})):
             sd.unet(z, t, ctx)
-        sd.unet.ctx = None
         for n in names:
             v = store[n][-1][0]
-            if ".attn" in n:  # [heads, hw, d] from an attention hook
-                f = sd.unet.downscale(n)
-                h = -(-z.shape[-2] // f)
+            info = sd.unet.hook_info(n)
+            if info.kind in ("self_attention", "cross_attention"):  # [heads, hw, d] from an attention hook
+                h = math.ceil(z.shape[-2] / info.downscale)
                 v = rearrange(v, "a (h w) d -> (a d) h w", h=h)
             out[n].append(v)
     return out

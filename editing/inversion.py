@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..schedulers import alphas_cumprod, ddim_step, invert, timesteps
+from ..schedulers import alphas_cumprod, classifier_free_guidance, ddim_step, invert, timesteps
 
 METHODS = ("ddim", "null-text", "negative-prompt", "direct")
 
@@ -47,7 +47,6 @@ def ddim_latents(sd, image, prompt, steps):
     cond = sd.encode_prompt([prompt])
     with torch.no_grad():
         zs = invert(sd.denoiser(cond, 1.0, steps), z0, sd.scheduler, steps)
-    sd.unet.ctx = None
     return zs
 
 
@@ -72,7 +71,7 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
             eps_c = sd.unet(x, t, cond)
         for _ in range(inner_steps):
             eps_u = sd.unet(x, t, uncond)
-            prev = ddim_step(cfg, acp, eps_u + guidance_scale * (eps_c - eps_u), t, t - ratio, x)
+            prev = ddim_step(cfg, acp, classifier_free_guidance(eps_u, eps_c, guidance_scale), t, t - ratio, x)
             loss = F.mse_loss(prev, target)
             opt.zero_grad()
             loss.backward()
@@ -83,7 +82,7 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
         out.append(uncond)
         with torch.no_grad():
             eps_u = sd.unet(x, t, uncond)
-            x = ddim_step(cfg, acp, eps_u + guidance_scale * (eps_c - eps_u), t, t - ratio, x)
+            x = ddim_step(cfg, acp, classifier_free_guidance(eps_u, eps_c, guidance_scale), t, t - ratio, x)
     return out
 
 

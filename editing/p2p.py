@@ -9,10 +9,19 @@ run, the target's attention probabilities are taken from the source's:
 - self-attention at small maps (<= 16x16 by default) := source's for the first steps;
 - local blend: outside a mask from chosen words' maps, the target latent follows the source.
 
-Defaults follow the official notebooks: 50 steps, guidance 7.5, cross_replace_steps 0.8,
-self_replace_steps 0.4 (0.2 in some examples), blend threshold 0.3, start_blend 0.2. Everything
-runs through the public hook API; the sampler's `StepContext.rows` says which batch rows are the
-source and the targets, and only their conditional rows are edited.
+Defaults follow the official notebooks (google/prompt-to-prompt `prompt-to-prompt_stable.ipynb`,
+`null_text_w_ptp.ipynb`): 50 steps, guidance 7.5, cross_replace_steps 0.8, self_replace_steps 0.4
+(0.2 in some examples), blend threshold 0.3, start_blend 0.2. Where the official code has a rule,
+ours follows it, and `shared/oracles/p2p` checks it image for image on sdlens-tiny:
+- cross-attention schedules have N + 1 rows and replace `int(f (N + 1))` of them (ptp_utils
+  `get_time_words_attention_alpha`); self-attention replaces `int(f N)` steps of maps with at most
+  16 x 16 queries (`replace_self_attention`);
+- word swaps use the official replacement mapper (words may differ in token count), refinement
+  the official alignment (`seq_aligner.get_mapper`);
+- the attention store records the maps *after* the edit, as the official store does (it keeps the
+  very tensor the edit then overwrites in place), so local blend reads the edited target maps.
+Everything runs through the public hook API and `hook_info`; the sampler's `StepContext.rows` says
+which batch rows are the source and the targets, and only their conditional rows are edited.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -20,82 +29,124 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+import math
+
 from ..hooks import StepContext
-from ..schedulers import sample
+from ..schedulers import classifier_free_guidance, sample
 from .attention_store import AttentionStore
 from .inversion import Inversion
-from .words import refine_mapper, token_ids, word_positions
+from .words import refine_mapper, replace_mapper, token_ids, word_positions
 
 MODES = ("replace", "refine", "reweight")
 Steps = Union[float, Tuple[float, float], Dict[str, Union[float, Tuple[float, float]]]]
 
 
-def _range(v, steps):
-    lo, hi = (0.0, v) if isinstance(v, (int, float)) else v
-    return int(lo * steps), int(hi * steps)
+def fraction_range(v, name):
+    """A fraction f (meaning (0, f)) or a pair (start, end) of fractions of the steps -> (start, end)."""
+    pair = (0.0, v) if isinstance(v, (int, float)) else v
+    try:
+        lo, hi = (float(x) for x in pair)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a fraction or a (start, end) pair of fractions, not {v!r}") from None
+    if not (0.0 <= lo <= hi <= 1.0):  # also false for NaN
+        raise ValueError(f"{name} {v!r} must be fractions of the steps with 0 <= start <= end <= 1")
+    return lo, hi
+
+
+def _rows(v, n, name):
+    lo, hi = fraction_range(v, name)
+    return int(lo * n), int(hi * n)
 
 
 def cross_alphas(tokenizer, targets, cross_steps: Steps, steps, length=77):
-    """[steps, n_targets, length]: 1 where a target token takes the source's cross-attention.
+    """[steps + 1, n_targets, length]: 1 where a target token takes the source's cross-attention
+    at that step (row i is used at step i; the last row never is).
 
-    A dict gives ranges per word of the target prompts, with "default_" for the rest (official
-    `get_time_words_attention_alpha`)."""
-    spec = cross_steps if isinstance(cross_steps, dict) else {"default_": cross_steps}
-    alphas = torch.zeros(steps, len(targets), length)
-    lo, hi = _range(spec.get("default_", 1.0), steps)
+    As the official `get_time_words_attention_alpha`: N + 1 rows, of which `int(f (N + 1))` are
+    replaced, so f = 0.85 at 50 steps replaces 43 steps, not 42. A dict gives ranges per word of
+    the target prompts, with "default_" for the rest; a word must be in at least one target."""
+    spec = dict(cross_steps) if isinstance(cross_steps, dict) else {"default_": cross_steps}
+    rows = steps + 1
+    alphas = torch.zeros(rows, len(targets), length)
+    lo, hi = _rows(spec.get("default_", 1.0), rows, "cross_replace_steps")
     alphas[lo:hi] = 1.0
     for word, v in spec.items():
         if word == "default_":
             continue
-        lo, hi = _range(v, steps)
+        lo, hi = _rows(v, rows, f"cross_replace_steps[{word!r}]")
+        found = 0
         for i, prompt in enumerate(targets):
             try:
-                pos = word_positions(tokenizer, prompt, word)
-            except ValueError:
+                pos = word_positions(tokenizer, prompt, word, length)
+            except ValueError as e:
+                if "past token" in str(e):
+                    raise
                 continue
+            found += 1
             alphas[:, i, pos] = 0.0
             alphas[lo:hi, i, pos] = 1.0
+        if not found:
+            raise ValueError(f"cross_replace_steps names {word!r}, which is in no target prompt {targets}")
     return alphas
 
 
 def equalizer(tokenizer, targets, weights: Dict[str, float], length=77):
     """[n_targets, length]: 1 everywhere but the chosen words' columns (official `get_equalizer`)."""
     eq = torch.ones(len(targets), length)
-    for i, prompt in enumerate(targets):
-        for word, w in weights.items():
-            eq[i, word_positions(tokenizer, prompt, word)] = w
+    for word, w in weights.items():
+        if not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"equalize[{word!r}] = {w!r}; word weights must be finite numbers")
+        for i, prompt in enumerate(targets):
+            eq[i, word_positions(tokenizer, prompt, word, length)] = w
     return eq
 
 
 @dataclass
 class LocalBlend:
-    """Words whose attention marks the region that may change; `words[i]` for prompt i (source first)."""
+    """Words whose attention marks the region that may change; `words[i]` for prompt i (source first).
+
+    As the official `LocalBlend` of `null_text_w_ptp.ipynb`: the mask is the mean of the 16 x 16
+    cross-attention maps, summed over the chosen words, max-pooled 3 x 3, resized to the latent,
+    divided by its maximum and cut at `threshold`; the union of the source's and each target's.
+    `substruct_words` mark a region that must not change: their mask skips the pooling and is cut
+    at the second threshold when `threshold` is a pair (official `th=(.3, .3)`). Blending starts
+    at step `int(start_blend N)` (the stable notebook's LocalBlend blends from step 0)."""
     words: Sequence[Sequence[str]]
-    threshold: float = 0.3
+    threshold: Union[float, Tuple[float, float]] = 0.3
     substruct_words: Optional[Sequence[Sequence[str]]] = None
     start_blend: float = 0.2
 
+    def thresholds(self):
+        th = (self.threshold, self.threshold) if isinstance(self.threshold, (int, float)) else tuple(self.threshold)
+        if len(th) != 2 or not all(isinstance(x, (int, float)) and 0 <= x <= 1 for x in th):
+            raise ValueError(f"LocalBlend threshold {self.threshold!r} must be a fraction in [0, 1] or a pair of them")
+        return th
+
     def weights(self, tokenizer, prompts, words, length=77):
+        if len(words) != len(prompts):
+            raise ValueError(f"LocalBlend needs one word list per prompt (source first): {len(prompts)} prompts, "
+                             f"{len(words)} lists")
         w = torch.zeros(len(prompts), length)
         for i, (prompt, ws) in enumerate(zip(prompts, words)):
             for word in ([ws] if isinstance(ws, str) else ws):
-                w[i, word_positions(tokenizer, prompt, word)] = 1.0
+                w[i, word_positions(tokenizer, prompt, word, length)] = 1.0
         return w
 
-    def mask(self, maps, weight, latent_hw):
+    def mask(self, maps, weight, latent_hw, threshold, pool=True):
         """maps [n, 16, 16, 77] -> boolean mask [n, 1, h, w] (official LocalBlend.get_mask)."""
         m = (maps * weight[:, None, None, :]).sum(-1)[:, None]
-        m = F.max_pool2d(m, 3, 1, padding=1)
+        if pool:
+            m = F.max_pool2d(m, 3, 1, padding=1)
         m = F.interpolate(m, size=latent_hw)
         m = m / m.flatten(1).max(-1).values.clamp_min(1e-12)[:, None, None, None]
-        return m > self.threshold
+        return m > threshold
 
 
 @dataclass
 class EditResult:
     images: torch.Tensor  # [n, 3, H, W] in [0,1]: the source first, then the targets
     latents: torch.Tensor  # [n, C, h, w] final latents
-    store: AttentionStore  # attention of the conditional rows, averaged over steps
+    store: AttentionStore  # attention of the conditional rows after the edit, averaged over steps
     mask: Optional[torch.Tensor] = None  # the last local-blend mask [n-1, 1, h, w], if any
 
 
@@ -103,31 +154,44 @@ class PromptToPrompt:
     def __init__(self, sd, source: str, targets: List[str], mode="replace", cross_replace_steps: Steps = 0.8,
                  self_replace_steps: Union[float, Tuple[float, float]] = 0.4, self_max_size=16,
                  equalize: Optional[Dict[str, float]] = None, blend: Optional[LocalBlend] = None, steps=50):
+        """`targets`: edited prompts. `mode`: replace (word swap: the same number of words), refine
+        (added or removed words) or reweight (the same prompt, re-weighted by `equalize`, which any
+        mode takes too). `cross_replace_steps`: a fraction of the steps, a (start, end) pair, or a
+        dict of them per word with "default_". `self_replace_steps`: a fraction or a pair, for maps
+        of at most `self_max_size`^2 queries."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
+        if isinstance(targets, str) or not targets:
+            raise TypeError(f"targets must be a non-empty list of prompts, not {targets!r}")
         if mode == "reweight" and not equalize:
             raise ValueError("mode 'reweight' needs word weights, e.g. equalize={'car': 2.0}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, not {steps!r}")
         tok, n = sd.tokenizer, sd.text_encoder.cfg.max_positions
         self.sd, self.source, self.targets, self.mode, self.steps = sd, source, list(targets), mode, steps
-        if mode in ("replace", "reweight"):
+        self.mapper = self.map_alphas = self.swap = None
+        if mode == "refine":  # aligned tokens take the source map, new tokens keep their own
+            pairs = [refine_mapper(tok, source, t, n) for t in self.targets]
+            self.mapper = torch.stack([p[0] for p in pairs])
+            self.map_alphas = torch.stack([p[1] for p in pairs])
+        elif mode == "reweight":
             src_len = len(token_ids(tok, source))
             for t in self.targets:
                 if len(token_ids(tok, t)) != src_len:
-                    raise ValueError(f"word swap needs prompts of the same token count: {source!r} has {src_len}, "
-                                     f"{t!r} has {len(token_ids(tok, t))}; use mode 'refine' to add or remove words")
-            self.refine = False
-        else:
-            self.refine = True
-            pairs = [refine_mapper(tok, source, t, n) for t in self.targets]
-            self.mapper = torch.stack([p[0] for p in pairs]) if pairs else torch.zeros(0, n, dtype=torch.long)
-            self.map_alphas = torch.stack([p[1] for p in pairs]) if pairs else torch.zeros(0, n)
+                    raise ValueError(f"mode 'reweight' needs prompts of the same token count: {source!r} has "
+                                     f"{src_len}, {t!r} has {len(token_ids(tok, t))}; use 'replace' or 'refine'")
+        else:  # official AttentionReplace: a [77, 77] mapper; the identity (same tokens) skips the product
+            maps = torch.stack([replace_mapper(tok, source, t, n) for t in self.targets])
+            self.swap = None if torch.equal(maps, torch.eye(n).expand_as(maps)) else maps
         self.cross = cross_alphas(tok, self.targets, cross_replace_steps, steps, n)
-        self.self_range = _range(self_replace_steps, steps)
+        self.self_range = _rows(self_replace_steps, steps, "self_replace_steps")
         self.self_max_size = self_max_size
         self.eq = equalizer(tok, self.targets, equalize) if equalize else None
         self.blend = blend
         if blend is not None:
             prompts = [source] + self.targets
+            self.blend_th = blend.thresholds()
+            fraction_range(blend.start_blend, "LocalBlend start_blend")
             self.blend_w = blend.weights(tok, prompts, blend.words)
             self.sub_w = blend.weights(tok, prompts, blend.substruct_words) if blend.substruct_words else None
 
@@ -142,12 +206,14 @@ class PromptToPrompt:
         src, tgt = ctx.rows["source"][0], ctx.rows["target"]
         base, own = probs[src], probs[tgt]  # [h, q, k], [T, h, q, k]
         dev = probs.device
-        if self.refine:  # aligned tokens take the source map, new tokens keep their own
+        if self.mapper is not None:  # refine
             idx = self.mapper.to(dev)
             repl = torch.stack([base[..., idx[i]] for i in range(len(tgt))])
             a_map = self.map_alphas.to(dev, probs.dtype)[:, None, None, :]
             repl = repl * a_map + own * (1 - a_map)
-        else:  # word swap: the token positions match one to one
+        elif self.swap is not None:  # a swap of words with different token counts
+            repl = torch.einsum("hqw,twn->thqn", base, self.swap.to(dev, probs.dtype))
+        else:  # the token positions match one to one
             repl = base.expand_as(own)
         if self.eq is not None:
             repl = repl * self.eq.to(dev, probs.dtype)[:, None, None, :]
@@ -168,11 +234,14 @@ class PromptToPrompt:
         return out
 
     def hooks(self, latent_hw):
+        """{hook name: fn}: every cross-attention map, and self-attention maps of at most
+        `self_max_size`^2 queries (official `replace_self_attention`: 16^2)."""
         unet = self.sd.unet
-        hooks = {lambda n: n.endswith("attn2.hook_probs"): self.edit_cross}
-        small = [n for n in unet.hook_names() if n.endswith("attn1.hook_probs")
-                 and max(-(-s // unet.downscale(n)) for s in latent_hw) <= self.self_max_size]
-        hooks.update({n: self.edit_self for n in small})
+        hooks = {n: self.edit_cross for n in unet.hook_names(kind="cross_attention", point="probs")}
+        for n in unet.hook_names(kind="self_attention", point="probs"):
+            f = unet.hook_info(n).downscale
+            if math.ceil(latent_hw[0] / f) * math.ceil(latent_hw[1] / f) <= self.self_max_size ** 2:
+                hooks[n] = self.edit_self
         return hooks
 
     # ---- sampling ----
@@ -183,6 +252,8 @@ class PromptToPrompt:
         sd, steps = self.sd, self.steps
         prompts = [self.source] + self.targets
         n = len(prompts)
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
         if inversion is not None:
             if inversion.steps != steps:
                 raise ValueError(f"the inversion has {inversion.steps} steps, the edit {steps}; use the same number")
@@ -199,8 +270,9 @@ class PromptToPrompt:
         cond = sd.encode_prompt(prompts)
         empty = sd.encode_prompt([""] * n)
         store = AttentionStore(sd.unet, hw, max_size=store_size)
-        if self.blend is not None and 16 not in {s[0] for s in store.sizes.values()}:
-            raise ValueError("local blend needs 16x16 cross-attention maps; this image size has none")
+        if self.blend is not None and (16, 16) not in store.sizes.values():
+            raise ValueError(f"local blend needs 16x16 cross-attention maps (official LocalBlend), and a {hw[0]}x{hw[1]} "
+                             f"latent has {sorted(set(store.sizes.values()))}; use a square image of the model's size")
         tgt = list(range(1, n))
 
         def uncond_at(step):
@@ -210,20 +282,21 @@ class PromptToPrompt:
 
         def denoise(xt, t, step):
             u = uncond_at(step)
-            ctx = lambda rows: StepContext(step=step, t=int(t), num_steps=steps, rows=rows)
+            ctx = lambda rows: sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows))
+            edit_rows = {"cond": list(range(n)), "source": [0], "target": tgt}
             if guidance_scale == 1.0:
-                sd.unet.ctx = ctx({"cond": list(range(n)), "source": [0], "target": tgt})
-                return sd.unet(xt, t, cond)
+                with ctx(edit_rows):
+                    return sd.unet(xt, t, cond)
             if low_memory:  # two passes of n rows instead of one of 2n
-                sd.unet.ctx = ctx({"uncond": list(range(n))})
-                eu = sd.unet(xt, t, u)
-                sd.unet.ctx = ctx({"cond": list(range(n)), "source": [0], "target": tgt})
-                ec = sd.unet(xt, t, cond)
+                with ctx({"uncond": list(range(n))}):
+                    eu = sd.unet(xt, t, u)
+                with ctx(edit_rows):
+                    ec = sd.unet(xt, t, cond)
             else:
-                sd.unet.ctx = ctx({"uncond": list(range(n)), "cond": list(range(n, 2 * n)), "source": [n],
-                                   "target": [n + i for i in tgt]})
-                eu, ec = sd.unet(torch.cat([xt, xt]), t, torch.cat([u, cond])).chunk(2)
-            return eu + guidance_scale * (ec - eu)
+                with ctx({"uncond": list(range(n)), "cond": list(range(n, 2 * n)), "source": [n],
+                          "target": [n + i for i in tgt]}):
+                    eu, ec = sd.unet(torch.cat([xt, xt]), t, torch.cat([u, cond])).chunk(2)
+            return classifier_free_guidance(eu, ec, guidance_scale)
 
         start_blend = int(self.blend.start_blend * steps) if self.blend is not None else steps
         last_mask = []
@@ -234,21 +307,17 @@ class PromptToPrompt:
                 xt[0] = inversion.source_latent_after(step)[0]  # = adding the per-step offset
             if self.blend is not None and step >= start_blend and n > 1:
                 maps = store.aggregate(16)
-                mask = self.blend.mask(maps, self.blend_w.to(maps.device), hw)
+                mask = self.blend.mask(maps, self.blend_w.to(maps.device), hw, self.blend_th[0])
                 mask = mask[:1] | mask[1:]  # union of the source's and each target's region
-                if self.sub_w is not None:
-                    sub = self.blend.mask(maps, self.sub_w.to(maps.device), hw)
+                if self.sub_w is not None:  # official: no pooling, the second threshold
+                    sub = self.blend.mask(maps, self.sub_w.to(maps.device), hw, self.blend_th[1], pool=False)
                     mask = mask & ~(sub[:1] | sub[1:])
                 xt = xt.clone()
                 xt[1:] = xt[:1] + mask.to(xt.dtype) * (xt[1:] - xt[:1])
                 last_mask[:] = [mask]
             return xt
 
-        hooks = {**store.hooks()}
-        edit_hooks = self.hooks(hw)
-        try:
-            with sd.unet.hooks(hooks), sd.unet.hooks(edit_hooks):
-                x = sample(denoise, x, sd.scheduler, steps, callback=callback, progress=progress)
-        finally:
-            sd.unet.ctx = None
+        # The store is attached after the edit, so it records the edited maps (official semantics).
+        with sd.unet.hooks(self.hooks(hw)), sd.unet.hooks(store.hooks()):
+            x = sample(denoise, x, sd.scheduler, steps, callback=callback, progress=progress)
         return EditResult(sd.decode_latents(x), x, store, last_mask[0] if last_mask else None)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..hooks import StepContext
-from ..schedulers import invert, sample
+from ..schedulers import classifier_free_guidance, invert, sample
 
 FEATURE_LAYERS = ("output_blocks.4.0",)
 # The official list for SD (pnp-diffusers: decoder layers 4-11). `decoder_self_attention` is the
@@ -31,8 +31,8 @@ ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i
 
 def decoder_self_attention(sd, first=4):
     """attn1 of every decoder layer from `first` on: SD's layers 4-11, and the same rule elsewhere."""
-    return [n[:-len(".hook_q")] for n in sd.unet.hook_names()
-            if n.startswith("output_blocks.") and int(n.split(".")[1]) >= first and n.endswith("attn1.hook_q")]
+    infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(place="up", kind="self_attention", point="q")]
+    return [i.module for i in infos if i.block >= first]
 
 
 def negative_alpha(schedule: str, alpha: float, step: int, steps: int) -> float:
@@ -66,7 +66,6 @@ def inversion_latents(sd, image, prompt="", steps=50, progress=False):
     z0 = sd.encode_image(image).to(sd.dtype)
     with torch.no_grad():
         zs = invert(sd.denoiser(sd.encode_prompt([prompt]), 1.0, steps), z0, sd.scheduler, steps, progress=progress)
-    sd.unet.ctx = None
     return zs
 
 
@@ -108,17 +107,14 @@ def translate(sd, image, prompt, *, inversion_prompt="", negative_prompt=None, a
     hooks.update({f"{l}.{h}": inject(a_steps) for l in attention_layers for h in ("hook_q", "hook_k")})
 
     def denoise(x, t, step):
-        sd.unet.ctx = StepContext(step=step, t=int(t), num_steps=steps, rows=rows)
         src = zs[steps - step]  # the guidance image's latent at this step's noise level
-        out = sd.unet(torch.cat([src, x.expand(len(texts), -1, -1, -1)]), t, ctx)
+        with sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows)):
+            out = sd.unet(torch.cat([src, x.expand(len(texts), -1, -1, -1)]), t, ctx)
         eps_u, eps_c = out[1:2], out[-1:]
         if neg:
             eps_u = negative_uncond(eps_u, out[2:3], negative_alpha(alpha_schedule, alpha, step, steps))
-        return eps_u + guidance_scale * (eps_c - eps_u)
+        return classifier_free_guidance(eps_u, eps_c, guidance_scale)
 
-    try:
-        with sd.unet.hooks(hooks), sd.unet.hooks(observe or {}):
-            x = sample(denoise, zs[-1], sd.scheduler, steps, progress=progress)
-    finally:
-        sd.unet.ctx = None
+    with sd.unet.hooks(hooks), sd.unet.hooks(observe or {}):
+        x = sample(denoise, zs[-1], sd.scheduler, steps, progress=progress)
     return PnPResult(sd.decode_latents(x), x, zs)

@@ -1,1 +1,1 @@
-from .ddim import DDIMConfig, alphas_cumprod, ddim_invert_step, ddim_step, invert, sample, timesteps
+from .ddim import DDIMConfig, alphas_cumprod, classifier_free_guidance, ddim_invert_step, ddim_step, invert, sample, timesteps

@@ -60,6 +60,11 @@ def split_prediction(cfg: DDIMConfig, out: torch.Tensor, x: torch.Tensor, a: flo
     return x0, eps
 
 
+def classifier_free_guidance(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Ho & Salimans 2022, eq. 6: out_u + w (out_c - out_u). The one place sdlens writes it."""
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
 def ddim_step(cfg, acp, out, t, t_prev, x, eta=0.0, noise=None):
     """x_t -> x_{t_prev}, DDIM eq. (12):
 

@@ -4,7 +4,7 @@ import torch
 
 import sdlens
 from sdlens.editing import LocalBlend, PromptToPrompt
-from sdlens.editing.words import global_align, refine_mapper, word_positions
+from sdlens.editing.words import global_align, refine_mapper, replace_mapper, word_positions
 from sdlens.weights.load import TOKENIZER_DIR, _tokenizer
 
 KW = dict(seed=0, height=64, width=128)
@@ -37,9 +37,12 @@ def test_equalizer_scales_exactly_the_chosen_column(sd):
     name = "output_blocks.4.1.transformer_blocks.0.attn2.hook_probs"
     seen = []
 
-    class Spy(PromptToPrompt):  # a hook attached after the editor's sees the edited probabilities
+    class Spy(PromptToPrompt):  # sees what the editor's hook returns at one layer
         def hooks(self, hw):
-            return {**super().hooks(hw), name: lambda p, h: seen.append((h.ctx.rows, p.clone())) or None}
+            hooks = super().hooks(hw)
+            edit = hooks[name]
+            hooks[name] = lambda p, h: seen.append((h.ctx.rows, edit(p, h))) or seen[-1][1]
+            return hooks
 
     Spy(sd, "a cat riding a bicycle", ["a cat riding a bicycle"], mode="reweight", cross_replace_steps=1.0,
         equalize={"bicycle": 3.0, "cat": -0.5}, steps=4).run(**KW)
@@ -56,14 +59,46 @@ def test_equalizer_scales_exactly_the_chosen_column(sd):
 
 
 def test_alignment_hand_worked():
+    """The official seq_aligner scores (gap 0, match 1, mismatch -1) and trace back (left, up, diagonal)."""
     assert global_align([1, 2, 3, 4], [1, 5, 2, 3, 4]) == [0, -1, 1, 2, 3]  # an insertion
-    assert global_align([1, 2, 3], [1, 9, 3]) == [0, -1, 2]  # a substitution keeps no source token
+    assert global_align([1, 2, 3], [1, 9, 3]) == [0, -1, 2]  # free gaps: a substitution is a gap in each
     assert global_align([1, 2, 3, 4], [1, 4]) == [0, 3]  # deletions
+    # A repeated token: at (2, 3) left, up and the diagonal score 2, 1, 2; left wins the tie, so the
+    # source's 2 takes the target's *first* 2 (a diagonal-first trace back takes the second).
+    assert global_align([1, 2], [1, 2, 2]) == [0, 1, -1]
     tok = _tokenizer(TOKENIZER_DIR)
     mapper, alphas = refine_mapper(tok, "a cat riding a bicycle", "a black cat riding a bicycle")
     # <sot> a black cat riding a bicycle <eot> : 'black' is new, the rest shift by one
     assert mapper[:8].tolist() == [0, 1, 0, 2, 3, 4, 5, 6] and alphas[:8].tolist() == [1, 1, 0, 1, 1, 1, 1, 1]
-    assert mapper[8].item() == 7 and alphas[8].item() == 1  # padding maps onto padding
+    # official get_mapper: every position past the target prompt maps to itself, alpha 1
+    assert mapper[8:].tolist() == list(range(8, 77)) and alphas[8:].eq(1).all()
+
+
+def test_replace_mapper_hand_worked():
+    """Official get_replacement_mapper_: 'burger' (1 token) -> 'lasagne' (2 tokens) spreads evenly,
+    and after the last swapped word every position maps to itself."""
+    tok = _tokenizer(TOKENIZER_DIR)
+    assert len(tok("a burger").input_ids) == 4 and len(tok("a lasagne").input_ids) == 5
+    m = replace_mapper(tok, "a burger", "a lasagne")
+    expect = torch.zeros(77, 77)
+    expect[0, 0] = expect[1, 1] = 1
+    expect[2, 2] = expect[2, 3] = 0.5
+    for j in range(4, 77):
+        expect[j, j] = 1
+    assert torch.equal(m, expect)
+    assert torch.equal(replace_mapper(tok, "a cat riding a bicycle", "a dog riding a bicycle"), torch.eye(77))
+    with pytest.raises(ValueError, match="same number of words.*refine"):
+        replace_mapper(tok, "a cat", "a black cat")
+
+
+def test_cross_steps_have_n_plus_one_rows():
+    """Official get_time_words_attention_alpha: N + 1 rows, int(f (N + 1)) replaced: 43 at f = 0.85, N = 50."""
+    from sdlens.editing.p2p import cross_alphas
+    tok = _tokenizer(TOKENIZER_DIR)
+    a = cross_alphas(tok, ["a big blue circle"], 0.85, 50)
+    assert a.shape == (51, 1, 77) and int(a[:50, 0, 0].sum()) == 43
+    a = cross_alphas(tok, ["a big blue circle"], (0.2, 0.5), 10)  # rows int(.2 * 11) = 2 to int(.5 * 11) = 5
+    assert a[:, 0, 0].tolist() == [0, 0, 1, 1, 1] + [0] * 6
 
 
 def test_local_blend_keeps_the_source_outside_the_mask(sd):
@@ -87,7 +122,7 @@ def test_local_blend_keeps_the_source_outside_the_mask(sd):
 
 
 def test_clear_errors(sd):
-    with pytest.raises(ValueError, match="same token count.*refine"):
+    with pytest.raises(ValueError, match="same number of words.*refine"):
         PromptToPrompt(sd, "a cat riding a bicycle", ["a cat riding a red bicycle"])
     with pytest.raises(ValueError, match="word 'dog' is not in the prompt"):
         PromptToPrompt(sd, "a cat", ["a cow"], mode="reweight", equalize={"dog": 2.0})
@@ -99,5 +134,5 @@ def test_per_word_cross_steps(sd):
     from sdlens.editing.p2p import cross_alphas
     a = cross_alphas(sd.tokenizer, ["a lion riding a bicycle"], {"default_": 0.8, "lion": 0.4}, 10)
     lion = word_positions(sd.tokenizer, "a lion riding a bicycle", "lion")[0]
-    assert a[:, 0, lion].tolist() == [1] * 4 + [0] * 6
-    assert a[:, 0, lion + 1].tolist() == [1] * 8 + [0] * 2
+    assert a[:, 0, lion].tolist() == [1] * 4 + [0] * 7  # int(.4 * 11) of 11 rows
+    assert a[:, 0, lion + 1].tolist() == [1] * 8 + [0] * 3  # int(.8 * 11)

@@ -22,11 +22,11 @@ class Attention(nn.Module):
     def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, upcast=False):
         super().__init__()
         inner = heads * head_dim
-        context_dim = context_dim or query_dim
         self.heads, self.scale, self.upcast = heads, head_dim ** -0.5, upcast
+        self.is_cross = context_dim is not None  # attn2 attends to the text, attn1 to the image itself
         self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_probs, self.hook_out = HookPoint(), HookPoint()

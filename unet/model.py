@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hooks import HookedModule, HookPoint
-from .attention import SpatialTransformer
+from ..hooks import HookedModule, HookInfo, HookPoint
+from .attention import Attention, SpatialTransformer
 from .config import UNetConfig
 
 
@@ -75,11 +75,25 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-class Block(nn.ModuleList):
-    """One numbered entry of input/middle/output_blocks: layers that each take what they need."""
+class Block(nn.Module):
+    """One numbered entry of input/middle/output_blocks: layers `0`, `1`, ... (the checkpoint's
+    numbering), each given what it needs, then `hook_out` on the block's output.
+
+    A block also records where it is: `place` (down/mid/up), `index`, the resolution `level` of its
+    layers and `out_level` of its output (one more after a Downsample, one less after an Upsample).
+    """
+
+    def __init__(self, layers, place, index, level):
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+        self.layers = list(layers)  # a plain list (the modules are registered above), for forward
+        self.place, self.index, self.level = place, index, level
+        self.out_level = level + any(isinstance(m, Downsample) for m in layers) - any(isinstance(m, Upsample) for m in layers)
+        self.hook_out = HookPoint()
 
     def forward(self, x, emb, context, size=None):
-        for layer in self:
+        for layer in self.layers:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
@@ -88,7 +102,38 @@ class Block(nn.ModuleList):
                 x = layer(x, size)
             else:
                 x = layer(x)
-        return x
+        return self.hook_out(x)
+
+
+KINDS = {ResBlock: "resblock", SpatialTransformer: "transformer", Block: "block"}
+
+
+def locate_hooks(model) -> dict:
+    """{hook name: HookInfo} from the module tree: each point's kind comes from the module that owns
+    it, its place and level from the Block around it. Nothing is read from the names."""
+    infos = {}
+
+    def visit(module, path, block):
+        block = module if isinstance(module, Block) else block
+        for child_name, child in module.named_children():
+            name = f"{path}.{child_name}" if path else child_name
+            if not isinstance(child, HookPoint):
+                visit(child, name, block)
+                continue
+            if isinstance(module, Attention):
+                kind = "cross_attention" if module.is_cross else "self_attention"
+            else:
+                kind = KINDS.get(type(module), "model")
+            if block is None:
+                place, index, level = "", -1, 0
+            else:
+                level = block.out_level if module is block else block.level
+                place, index = block.place, block.index
+            infos[name] = HookInfo(name=name, module=path, point=child_name[len("hook_"):], kind=kind,
+                                   place=place, block=index, level=level)
+
+    visit(model, "", None)
+    return infos
 
 
 class UNetModel(HookedModule):
@@ -103,7 +148,9 @@ class UNetModel(HookedModule):
             return SpatialTransformer(ch, cfg.num_heads[level], cfg.context_dim,
                                       cfg.use_linear_in_transformer, cfg.upcast_attention, groups)
 
-        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        block = lambda layers, place, level: Block(layers, place, len(blocks[place]), level)
+        blocks = {"down": [], "up": []}
+        blocks["down"].append(block([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)], "down", 0))
         skip_channels, ch = [mc], mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -111,17 +158,17 @@ class UNetModel(HookedModule):
                 ch = mult * mc
                 if level in cfg.attention_levels:
                     layers.append(transformer(ch, level))
-                self.input_blocks.append(Block(layers))
+                blocks["down"].append(block(layers, "down", level))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(Block([Downsample(ch)]))
+                blocks["down"].append(block([Downsample(ch)], "down", level))
                 skip_channels.append(ch)
+        self.input_blocks = nn.ModuleList(blocks["down"])
 
         last = len(cfg.channel_mult) - 1
         self.middle_block = Block([ResBlock(ch, emb_dim, ch, groups), transformer(ch, last),
-                                   ResBlock(ch, emb_dim, ch, groups)])
+                                   ResBlock(ch, emb_dim, ch, groups)], "mid", 0, last)
 
-        self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mult * mc, groups)]
@@ -130,31 +177,12 @@ class UNetModel(HookedModule):
                     layers.append(transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
-                self.output_blocks.append(Block(layers))
+                blocks["up"].append(block(layers, "up", level))
+        self.output_blocks = nn.ModuleList(blocks["up"])
 
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
         self.hook_out = HookPoint()
-        self.setup_hooks()
-
-    def downscale(self, name: str) -> int:
-        """How many times smaller than the latent the feature map at hook `name` is (1, 2, 4, ...).
-
-        Editing methods use it to pick layers by resolution before running anything, e.g. to keep
-        the explicit attention path away from the 64x64 self-attention of a 512 image.
-        """
-        R, last = self.cfg.num_res_blocks, len(self.cfg.channel_mult) - 1
-        parts = name.split(".")
-        if parts[0] == "input_blocks":
-            n = int(parts[1])
-            level = 0 if n == 0 else (n - 1) // (R + 1) + ((n - 1) % (R + 1) == R)  # a downsample ends its level
-        elif parts[0] == "middle_block":
-            level = last
-        elif parts[0] == "output_blocks":
-            n = int(parts[1])
-            level = last - n // (R + 1)  # hook points all sit before a block's upsampler
-        else:
-            level = 0
-        return 2 ** level
+        self.setup_hooks(locate_hooks(self))
 
     def forward(self, x, t, context):
         """x: [B,C,h,w] latents, t: timestep(s), context: [B,77,D] text. Returns eps or v."""
