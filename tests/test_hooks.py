@@ -124,3 +124,60 @@ def test_record_over_steps(fixture):
         sd.generate("a", steps=3, seed=0, height=64, width=64, progress=False)
     (name, values), = store.items()
     assert name == "output_blocks.4.0.hook_h" and len(values) == 3
+
+
+def test_hook_info_matches_the_tensors(unet):
+    """Every point's recorded level is the size of what it sees (a non-square latent, so rows and
+    columns are checked apart), its kind is its module's type, and its block holds that module."""
+    from sdlens.unet.attention import Attention, SpatialTransformer
+    from sdlens.unet.model import Block, ResBlock
+    x, ctx = torch.randn(1, 4, 16, 24), torch.randn(1, 77, 64)
+    _, cache = unet.run_with_cache(x, 301, ctx, names=lambda n: True)
+    assert set(cache) == set(unet.hook_names())
+    types = {"resblock": ResBlock, "transformer": SpatialTransformer, "block": Block,
+             "self_attention": Attention, "cross_attention": Attention}
+    for name, v in cache.items():
+        info = unet.hook_info(name)
+        h, w = -(-16 // info.downscale), -(-24 // info.downscale)
+        if info.kind in ("self_attention", "cross_attention"):
+            tokens = v.shape[1] if info.point == "out" else v.shape[2]  # [B, n, C] or [B, heads, n, ...]
+            if info.point in ("q", "probs", "out") or info.kind == "self_attention":
+                assert tokens == h * w, name
+            assert unet.get_submodule(info.module).is_cross == (info.kind == "cross_attention")
+        else:
+            assert v.shape[-2:] == (h, w), name
+        if info.kind == "model":
+            assert name == "hook_out" and info.place == ""
+            continue
+        module = unet.get_submodule(info.module)
+        assert isinstance(module, types[info.kind]), name
+        blocks = {"down": unet.input_blocks, "mid": [unet.middle_block], "up": unet.output_blocks}[info.place]
+        assert any(m is module for m in blocks[info.block].modules()), name
+    assert unet.hook_info("input_blocks.3.hook_out").level == 1  # a Downsample block's output is one level down
+    assert unet.hook_info("output_blocks.2.hook_out").level == 2  # an Upsample block's output is one level up
+
+
+def test_hook_names_filter_gives_the_official_p2p_layers():
+    """On SD 1.x at 512 px the official LocalBlend reads down_cross[2:4] + up_cross[:3], its 16x16
+    cross-attention maps: input_blocks 7-8 and output_blocks 3-5 (downscale 4 of a 64x64 latent)."""
+    with torch.device("meta"):
+        sd1 = UNetModel(sdlens.unet.SD1)
+    cross = sd1.hook_names(kind="cross_attention", point="probs")
+    assert len(cross) == 16
+    at16 = [(sd1.hook_info(n).place, sd1.hook_info(n).block) for n in cross if sd1.hook_info(n).downscale == 4]
+    assert at16 == [("down", 7), ("down", 8), ("up", 3), ("up", 4), ("up", 5)]
+    assert [sd1.hook_info(n).block for n in sd1.hook_names(place="up", kind="self_attention", point="q")] == list(range(3, 12))
+    with pytest.raises(TypeError, match="unknown field 'layer'"):
+        sd1.hook_names(layer=3)
+
+
+def test_step_context_is_restored_even_on_error(unet):
+    from sdlens.hooks import StepContext
+    outer = StepContext(step=1)
+    with unet.step_context(outer):
+        with pytest.raises(RuntimeError, match="boom"):
+            with unet.step_context(StepContext(step=2)):
+                assert unet.hook_point("hook_out").ctx.step == 2
+                raise RuntimeError("boom")
+        assert unet.ctx is outer
+    assert unet.ctx is None

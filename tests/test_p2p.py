@@ -136,3 +136,56 @@ def test_per_word_cross_steps(sd):
     lion = word_positions(sd.tokenizer, "a lion riding a bicycle", "lion")[0]
     assert a[:, 0, lion].tolist() == [1] * 4 + [0] * 7  # int(.4 * 11) of 11 rows
     assert a[:, 0, lion + 1].tolist() == [1] * 8 + [0] * 3  # int(.8 * 11)
+
+
+def test_store_records_the_edited_maps(sd):
+    """Official AttentionStore keeps the tensor the edit then overwrites in place, so with every
+    map replaced the target's stored cross-attention is the source's."""
+    r = PromptToPrompt(sd, "a cat riding a bicycle", ["a dog riding a bicycle"], cross_replace_steps=1.0,
+                       self_replace_steps=0.0, steps=3).run(**KW)
+    for n in r.store.sums:
+        if sd.unet.hook_info(n).kind == "cross_attention":
+            assert torch.equal(r.store.sums[n][1], r.store.sums[n][0]), n
+
+
+def test_substruct_mask_is_not_pooled():
+    """Official get_mask(maps, substruct_layers, use_pool=False) with the second threshold."""
+    maps = torch.zeros(1, 16, 16, 77)
+    maps[0, 5, 5, 2] = 1.0
+    lb = LocalBlend([["x"]], threshold=(0.3, 0.5))
+    w = torch.zeros(1, 77)
+    w[0, 2] = 1
+    pooled = lb.mask(maps, w, (16, 16), 0.3)
+    plain = lb.mask(maps, w, (16, 16), 0.5, pool=False)
+    assert int(pooled.sum()) == 9 and int(plain.sum()) == 1 and plain[0, 0, 5, 5]
+
+
+def test_blend_on_a_non_square_image_fails_before_sampling(sd):
+    calls = []
+    e = PromptToPrompt(sd, "a cat riding a bicycle", ["a dog riding a bicycle"], steps=3,
+                       blend=LocalBlend([["cat"], ["dog"]]))
+    with sd.unet.hooks({"hook_out": lambda x, h: calls.append(1)}):
+        with pytest.raises(ValueError, match="16x16 cross-attention maps"):
+            e.run(seed=0, height=128, width=192)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cross_replace_steps=-0.5), "cross_replace_steps"),
+    (dict(cross_replace_steps=(0.6, 0.2)), "start <= end"),
+    (dict(cross_replace_steps=float("nan")), "cross_replace_steps"),
+    (dict(self_replace_steps=1.5), "self_replace_steps"),
+    (dict(cross_replace_steps={"default_": 0.8, "horse": 0.3}), "'horse', which is in no target"),
+    (dict(equalize={"dog": float("inf")}), "finite"),
+    (dict(blend=LocalBlend([["cat"], ["dog"]], threshold=1.5)), "threshold"),
+    (dict(blend=LocalBlend([["cat"]])), "one word list per prompt"),
+])
+def test_bad_arguments_are_named(sd, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PromptToPrompt(sd, "a cat riding a bicycle", ["a dog riding a bicycle"], **kwargs)
+
+
+def test_word_past_the_token_limit(sd):
+    long = "a " * 80 + "cat"
+    with pytest.raises(ValueError, match="past token 76"):
+        PromptToPrompt(sd, long, [long], mode="reweight", equalize={"cat": 2.0})
