@@ -74,8 +74,12 @@ def parser():
     q.add_argument("--prompt", required=True, help="the target prompt")
     q.add_argument("--inversion-prompt", default="", help="prompt for the DDIM inversion (default: empty)")
     q.add_argument("--negative-prompt", default=None)
-    q.add_argument("--alpha", type=float, default=0.0, help="weight of the empty prompt in the negative branch")
-    q.add_argument("--alpha-schedule", default="constant", choices=("constant", "linear", "exp"))
+    q.add_argument("--alpha", type=float, default=0.0,
+                   help="initial weight of the empty prompt against the negative one (0: negative prompt only)")
+    q.add_argument("--alpha-schedule", default="constant", choices=("constant", "linear", "exp"),
+                   help="constant: alpha; linear: alpha down to 0; exp: alpha e^(-6 i/(N-1)) (LDM plug-and-play)")
+    q.add_argument("--inversion-steps", type=int, default=999,
+                   help="DDIM inversion steps (999 as the official code; as many as --steps: 20x fewer UNet calls)")
     q.add_argument("--feature-injection", type=float, default=0.8)
     q.add_argument("--attention-injection", type=float, default=0.5)
     q.add_argument("--feature-layers", nargs="+", default=None, help="ResBlocks to inject (default output_blocks.4.0)")
@@ -185,7 +189,7 @@ def cmd_pnp(args):
                     alpha=args.alpha, alpha_schedule=args.alpha_schedule, feature_injection=args.feature_injection,
                     attention_injection=args.attention_injection, feature_layers=args.feature_layers or FEATURE_LAYERS,
                     attention_layers=args.attention_layers, guidance_scale=args.guidance,
-                    steps=args.steps, progress=True)
+                    steps=args.steps, inversion_steps=args.inversion_steps, progress=True)
     save_image_atomic(image, os.path.join(args.out, "guidance.png"))
     save_image_atomic(to_pil(res.images)[0], os.path.join(args.out, "pnp.png"))
     print(os.path.abspath(args.out))
