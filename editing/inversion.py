@@ -99,12 +99,29 @@ def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5,
     return Inversion(zs, prompt, method, direct=method == "direct")
 
 
+MAX_SIZE = 4096  # 512 latents: far beyond SD's 512/768 training sizes, about 200 MB of float32 pixels
+
+
 def load_image(path, size):
-    """Centre-crop to a square and resize to `size` (a multiple of 8): the paper's preprocessing."""
-    from PIL import Image
+    """Centre-crop to a square and resize to `size` (a multiple of 8): the paper's preprocessing.
+
+    The EXIF orientation is applied (phones store portraits sideways), and 16-bit images keep their
+    high byte, as PIL itself decodes 16-bit RGB PNGs (a plain convert("RGB") clips them to white).
+    """
+    import numpy as np
+    from PIL import Image, ImageOps
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int, got {type(size).__name__}")
+    if size <= 0 or size % 8 or size > MAX_SIZE:
+        raise ValueError(f"size must be a positive multiple of 8 of at most {MAX_SIZE}, got {size}")
     try:
-        im = Image.open(path).convert("RGB")
-    except (OSError, ValueError) as e:
+        im = ImageOps.exif_transpose(Image.open(path))
+        if im.mode.startswith("I"):  # I;16, I;16B (16-bit PNG, TIFF) and I (older Pillow): 0..65535
+            im = Image.fromarray((np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+        im = im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
         raise ValueError(f"{path}: cannot read the image ({e})") from None
     w, h = im.size
     s = min(w, h)

@@ -1,12 +1,14 @@
 """`python -m sdlens demo`: a small gallery from the bundled sdlens-tiny model, in seconds on a CPU.
 
 Writes each image, and a captioned grid upscaled for viewing, into a new folder (never into an
-existing one) and prints its path. The editing methods add their panels here.
+existing one), all of them or, if anything fails, none. The editing methods add their panels here.
 """
 import os
 import time
 
 from PIL import Image, ImageDraw
+
+from ..outputs import Staged
 
 PROMPTS = ["a big red circle on the left", "a small blue square at the top", "a yellow star in the center",
            "a big green triangle on the right", "a purple circle at the bottom on a white background",
@@ -50,17 +52,21 @@ EDITS = [("a big red circle on the left", "a big blue circle on the left", "repl
 
 
 def run(sd, out, seed=0, steps=50, guidance=7.5):
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists; the demo writes a new folder (see free_folder)")
+    with Staged(out) as staged:
+        return _run(sd, staged.save, seed, steps, guidance)
+
+
+def _run(sd, save, seed, steps, guidance):
     import random
 
-    from ..__main__ import save_image_atomic
     from ..editing import PromptToPrompt
     from ..editing.features import collect, pca_rgb
     from ..editing.pnp import inversion_latents, translate
     from ..editing.visualize import cross_attention_grid, token_labels
     from ..pipeline import to_pil
     from .scenes import render, scene_from
-    os.makedirs(out)
-    save = lambda im, name: save_image_atomic(im, os.path.join(out, name))
     t0 = time.time()
     images = sd.generate(PROMPTS, steps=steps, guidance_scale=guidance, seed=seed, progress=False)
     for i, im in enumerate(images):
