@@ -53,7 +53,7 @@ def make_runs(args, sd):
                                                                                     low_memory=True),
         "null_text": lambda: invert_image(sd, image, src, "null-text", steps),
         "generate1": lambda: sd.generate(src, steps=steps, seed=0, height=size, width=size, progress=False),
-        "pnp": lambda: translate(sd, image, "a big blue star on the left", steps=steps),
+        "pnp": lambda: translate(sd, image, "a big blue star on the left", steps=steps, inversion_steps=steps),
     }
 
 
