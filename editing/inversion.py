@@ -43,7 +43,7 @@ class Inversion:
 
 def ddim_latents(sd, image, prompt, steps):
     """Conditional DDIM inversion at w = 1: [z_0, ..., z_T]."""
-    z0 = sd.encode_image(image).to(sd.dtype)
+    z0 = sd.encode_image(image).to(sd.latent_dtype)
     cond = sd.encode_prompt([prompt])
     with torch.no_grad():
         zs = invert(sd.denoiser(cond, 1.0, steps), z0, sd.scheduler, steps)

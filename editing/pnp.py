@@ -63,7 +63,7 @@ class PnPResult:
 
 def inversion_latents(sd, image, prompt="", steps=50, progress=False):
     """DDIM inversion with `prompt` (empty by default) at w = 1; all latents kept in memory."""
-    z0 = sd.encode_image(image).to(sd.dtype)
+    z0 = sd.encode_image(image).to(sd.latent_dtype)
     with torch.no_grad():
         zs = invert(sd.denoiser(sd.encode_prompt([prompt]), 1.0, steps), z0, sd.scheduler, steps, progress=progress)
     sd.unet.ctx = None
