@@ -82,6 +82,9 @@ class HookPoint(nn.Module):
                 if not isinstance(out, torch.Tensor) or out.shape != x.shape:
                     raise ValueError(f"hook on {self.name} returned {type(out).__name__} "
                                      f"{getattr(out, 'shape', '')}; return None or a tensor of shape {tuple(x.shape)}")
+                if out.dtype != x.dtype or out.device != x.device:  # else the next layer fails far from here
+                    raise TypeError(f"hook on {self.name} returned a {out.dtype} tensor on {out.device}; return one "
+                                    f"of {x.dtype} on {x.device}, e.g. out.to(x)")
                 x = out
         return x
 
@@ -178,8 +181,12 @@ class HookedModule(nn.Module):
         with self.hooks({names: save}):
             yield store
 
-    def run_with_cache(self, *args, names: Selector = lambda n: True, **kwargs):
-        """One forward pass; returns (output, {name: value}) for the chosen hook points."""
+    def run_with_cache(self, *args, names: Selector = lambda n: not n.endswith("hook_probs"), **kwargs):
+        """One forward pass; returns (output, {name: value}) for the chosen hook points.
+
+        By default it records every point except the attention probabilities (`hook_probs`):
+        those are [batch, heads, queries, keys], gigabytes at 512x512, and hooking them switches
+        attention to the explicit path. Pass `names` to record them."""
         with self.record(names) as store:
             out = self(*args, **kwargs)
         return out, {k: v[-1] for k, v in store.items()}

@@ -24,6 +24,12 @@ class StableDiffusion:
         return next(self.unet.parameters()).dtype
 
     @property
+    def latent_dtype(self):
+        """The sampler's latents: float32 for a float32 / float16 / bfloat16 model (float64 for float64).
+        The UNet casts its input to its own dtype and returns float32 (see UNetModel.forward)."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    @property
     def latent_factor(self):
         return 2 ** (len(self.vae.cfg.ch_mult) - 1)
 
@@ -107,7 +113,7 @@ class StableDiffusion:
             latents = torch.randn(shape, generator=generator)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        x = latents.to(self.device, self.dtype)
+        x = latents.to(self.device, self.latent_dtype)
         x = sample(self.denoiser(context, guidance_scale, steps), x, self.scheduler, steps, eta, generator,
                    progress=progress)
         images = self.decode_latents(x)

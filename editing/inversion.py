@@ -43,7 +43,7 @@ class Inversion:
 
 def ddim_latents(sd, image, prompt, steps):
     """Conditional DDIM inversion at w = 1: [z_0, ..., z_T]."""
-    z0 = sd.encode_image(image).to(sd.dtype)
+    z0 = sd.encode_image(image).to(sd.latent_dtype)
     cond = sd.encode_prompt([prompt])
     with torch.no_grad():
         zs = invert(sd.denoiser(cond, 1.0, steps), z0, sd.scheduler, steps)
@@ -51,12 +51,18 @@ def ddim_latents(sd, image, prompt, steps):
 
 
 def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-5, progress=False):
-    """Optimise one unconditional embedding per step (Mokady et al. 2023, Alg. 1)."""
+    """Optimise one unconditional embedding per step (Mokady et al. 2023, Alg. 1).
+
+    The embeddings are optimised as float32 copies and the loss is computed in float32, whatever
+    the model's dtype (the UNet casts its input and returns float32). In fp16, Adam's second moment
+    after one step, (1 - 0.999) grad^2 ~ 1e-8 on sdlens-tiny, and its eps 1e-8 are below fp16's
+    smallest number (6e-8), so the update is 0/0 = NaN; and the early-stop limit 1e-5 is below
+    fp16's normal range (6.1e-5)."""
     steps = len(zs) - 1
     cfg, acp, ts = sd.scheduler, alphas_cumprod(sd.scheduler), timesteps(sd.scheduler, steps)
     ratio = cfg.num_train_timesteps // steps
     cond = sd.encode_prompt([prompt])
-    uncond = sd.encode_prompt([""])
+    uncond = sd.encode_prompt([""]).to(sd.latent_dtype)  # the fp32 copy that Adam updates
     out, x = [], zs[-1]
     it = range(steps)
     if progress:
@@ -72,7 +78,7 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
         for _ in range(inner_steps):
             eps_u = sd.unet(x, t, uncond)
             prev = ddim_step(cfg, acp, classifier_free_guidance(eps_u, eps_c, guidance_scale), t, t - ratio, x)
-            loss = F.mse_loss(prev, target)
+            loss = F.mse_loss(prev, target)  # in fp32, as the UNet returns fp32 and the latents are fp32
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -265,7 +265,7 @@ class PromptToPrompt:
             f = sd.latent_factor
             g = torch.Generator().manual_seed(seed) if seed is not None else None
             x = torch.randn((1, sd.unet.cfg.in_channels, height // f, width // f), generator=g).expand(n, -1, -1, -1).clone()
-        x = x.to(sd.device, sd.dtype)
+        x = x.to(sd.device, sd.latent_dtype)
         hw = tuple(x.shape[-2:])
         cond = sd.encode_prompt(prompts)
         empty = sd.encode_prompt([""] * n)

@@ -121,7 +121,7 @@ def inversion_latents(sd, image, prompt="", steps=50, inversion_steps=None, prog
     `steps`); returns the steps + 1 latents at the sampling timesteps [z_0, z_{t_1}, ..., z_{t_N}]."""
     inversion_steps = steps if inversion_steps is None else inversion_steps
     check_inversion_steps(sd, steps, inversion_steps)
-    z0 = sd.encode_image(image).to(sd.dtype)
+    z0 = sd.encode_image(image).to(sd.latent_dtype)
     with torch.no_grad():
         den = sd.denoiser(sd.encode_prompt([prompt]), 1.0, inversion_steps)
         zs = invert(den, z0, sd.scheduler, inversion_steps, progress=progress)

@@ -17,6 +17,10 @@ class Attention(nn.Module):
     The explicit `softmax(q k^T / sqrt(d)) v` is the reference path; it runs only when a hook is
     attached to `hook_probs`, because only then must the [batch, heads, queries, keys] matrix
     exist. Otherwise `F.scaled_dot_product_attention` computes the same thing without it.
+
+    `upcast` (SD 2.x's `upcast_attention`; SD 2.1-v overflows fp16 in q k^T) runs the attention in
+    float32 on both paths, so `hook_probs` then sees float32 probabilities and hooking it does
+    not change the numerics. The result is cast back to the model's dtype before `to_out`.
     """
 
     def __init__(self, query_dim, context_dim=None, heads=8, head_dim=64, upcast=False):
@@ -37,15 +41,15 @@ class Attention(nn.Module):
         q = self.hook_q(split(self.to_q(x)))
         k = self.hook_k(split(self.to_k(context)))
         v = self.hook_v(split(self.to_v(context)))
+        dtype = v.dtype
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
         if self.hook_probs.fns:
-            if self.upcast:  # SD 2.1-v overflows fp16 in q k^T; the original upcasts here
-                q, k = q.float(), k.float()
             scores = (q * self.scale) @ k.transpose(-1, -2)  # scaling q is cheaper than the scores
-            probs = self.hook_probs(scores.softmax(dim=-1).to(v.dtype))
-            out = probs @ v
+            out = self.hook_probs(scores.softmax(dim=-1)) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v)  # fp32 accumulation, no upcast needed
-        return self.hook_out(self.to_out(rearrange(out, "b h n d -> b n (h d)")))
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.hook_out(self.to_out(rearrange(out.to(dtype), "b h n d -> b n (h d)")))
 
 
 class GEGLU(nn.Module):

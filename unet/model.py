@@ -185,10 +185,18 @@ class UNetModel(HookedModule):
         self.setup_hooks(locate_hooks(self))
 
     def forward(self, x, t, context):
-        """x: [B,C,h,w] latents, t: timestep(s), context: [B,77,D] text. Returns eps or v."""
+        """x: [B,C,h,w] latents, t: timestep(s), context: [B,77,D] text. Returns eps or v.
+
+        The model boundary for precision: it computes (and its hooks see values) in the dtype of
+        its parameters, takes latents and context of any float dtype, and returns the prediction
+        in float32 (float64 for a float64 model). Samplers then keep their state in float32
+        whatever the model's dtype: a DDIM step moves x by a few percent, which fp16 / bf16
+        latents (11 / 8 bit mantissas) would partly round away at every step.
+        """
+        dtype = self.time_embed[0].weight.dtype
+        x, context = x.to(dtype), context.to(dtype)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
-        context = context.to(x.dtype)
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -197,4 +205,4 @@ class UNetModel(HookedModule):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
-        return self.hook_out(self.out(h))
+        return self.hook_out(self.out(h)).to(torch.promote_types(dtype, torch.float32))
