@@ -161,8 +161,8 @@ class PromptToPrompt:
         of at most `self_max_size`^2 queries."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
-        if isinstance(targets, str) or not targets:
-            raise TypeError(f"targets must be a non-empty list of prompts, not {targets!r}")
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+            raise TypeError(f"targets must be a list of prompts (empty: reconstruct the source), not {targets!r}")
         if mode == "reweight" and not equalize:
             raise ValueError("mode 'reweight' needs word weights, e.g. equalize={'car': 2.0}")
         if not isinstance(steps, int) or steps < 1:
@@ -181,8 +181,8 @@ class PromptToPrompt:
                     raise ValueError(f"mode 'reweight' needs prompts of the same token count: {source!r} has "
                                      f"{src_len}, {t!r} has {len(token_ids(tok, t))}; use 'replace' or 'refine'")
         else:  # official AttentionReplace: a [77, 77] mapper; the identity (same tokens) skips the product
-            maps = torch.stack([replace_mapper(tok, source, t, n) for t in self.targets])
-            self.swap = None if torch.equal(maps, torch.eye(n).expand_as(maps)) else maps
+            maps = torch.stack([replace_mapper(tok, source, t, n) for t in self.targets]) if self.targets else None
+            self.swap = None if maps is None or torch.equal(maps, torch.eye(n).expand_as(maps)) else maps
         self.cross = cross_alphas(tok, self.targets, cross_replace_steps, steps, n)
         self.self_range = _rows(self_replace_steps, steps, "self_replace_steps")
         self.self_max_size = self_max_size
