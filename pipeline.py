@@ -30,10 +30,12 @@ class StableDiffusion:
 
     @property
     def device(self):
+        """Where the UNet (and so the sampler) runs."""
         return next(self.unet.parameters()).device
 
     @property
     def dtype(self):
+        """The UNet's and text encoder's dtype (float32, float16 or bfloat16); the VAE is float32."""
         return next(self.unet.parameters()).dtype
 
     @property
@@ -44,6 +46,7 @@ class StableDiffusion:
 
     @property
     def latent_factor(self):
+        """Image side / latent side: 8 for SD, 4 for sdlens-tiny."""
         return 2 ** (len(self.vae.cfg.ch_mult) - 1)
 
     # ---- building blocks ----
@@ -95,6 +98,7 @@ class StableDiffusion:
                           f"load_image(path, sd=sd) resizes to it", stacklevel=stacklevel)
 
     def check_size(self, height, width):
+        """(height, width), None meaning `default_size`; ValueError unless positive multiples of 8."""
         height, width = height or self.default_size, width or self.default_size
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
@@ -168,5 +172,6 @@ def to_tensor(image) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """[B,3,H,W] in [0,1] (any float dtype, any device) -> B PIL RGB images."""
     arr = (images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]

@@ -269,6 +269,7 @@ class PromptToPrompt:
             x = latents.expand(n, -1, -1, -1).clone() if latents.shape[0] == 1 else latents
         else:
             height, width = sd.check_size(height, width)
+            sd.warn_size(height, width)
             f = sd.latent_factor
             g = torch.Generator().manual_seed(seed) if seed is not None else None
             x = torch.randn((1, sd.unet.cfg.in_channels, height // f, width // f), generator=g).expand(n, -1, -1, -1).clone()

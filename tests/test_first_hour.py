@@ -130,3 +130,9 @@ def test_train_help_names_the_module_and_the_whole_description(capsys):
     text = help_of([], capsys, train)
     assert text.startswith("usage: python -m sdlens.tiny.train ")
     assert "writes a diffusers folder." in text and "(default: 4000)" in text
+
+
+def test_p2p_from_noise_warns_at_far_sizes(tiny):
+    with pytest.warns(UserWarning, match="far from this model's 64x64"):
+        PromptToPrompt(tiny, "a red circle", ["a blue circle"], steps=1).run(seed=0, height=192, width=64,
+                                                                            progress=False)
