@@ -14,7 +14,20 @@ from .outputs import Staged, check_target, save_image_atomic
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default that says something (not None, not an unset flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):  # subparsers are made with this class too, so all get Help
+        kwargs.setdefault("formatter_class", Help)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse prints the usage too: keep to one line
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -59,7 +72,7 @@ def seed(text):
 def add_model_args(p):
     p.add_argument("--model", default=None, help="single-file .safetensors or diffusers folder (default: bundled sdlens-tiny)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="of the UNet and text encoder (the VAE is float32)")
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                    help="override for SD 2 single files, which do not record it")
     p.add_argument("--allow-pickle", action="store_true", help="load a trusted .ckpt/.pt (weights_only)")
@@ -67,10 +80,10 @@ def add_model_args(p):
 
 def add_sampling_args(p, out_help, seed_arg=True):
     """The options every sampling command shares (official P2P/PnP defaults: 50 steps, w = 7.5)."""
-    p.add_argument("--steps", type=positive, default=50)
-    p.add_argument("--guidance", type=finite, default=7.5)
+    p.add_argument("--steps", type=positive, default=50, help="DDIM steps, 1 to 999")
+    p.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale w (1: none)")
     if seed_arg:
-        p.add_argument("--seed", type=seed, default=0)
+        p.add_argument("--seed", type=seed, default=0, help="0 to 2**63-1")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--force", action="store_true", help="overwrite what --out names if it exists")
 
@@ -81,10 +94,10 @@ def parser():
     g = sub.add_parser("generate", help="text to image")
     add_model_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--eta", type=finite, default=0.0)
-    g.add_argument("--height", type=positive, default=None)
-    g.add_argument("--width", type=positive, default=None)
+    g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: \"\")")
+    g.add_argument("--eta", type=finite, default=0.0, help="DDIM noise, 0 (deterministic) to 1")
+    g.add_argument("--height", type=positive, default=None, help="multiple of 8 (default: the model's size)")
+    g.add_argument("--width", type=positive, default=None, help="multiple of 8 (default: the model's size)")
     add_sampling_args(g, "PNG file to write")
     p = sub.add_parser("p2p", help="Prompt-to-Prompt edit of a generated or real image")
     add_model_args(p)
@@ -105,15 +118,16 @@ def parser():
     q.add_argument("--image", required=True, help="the guidance image (centre-cropped, resized)")
     q.add_argument("--prompt", required=True, help="the target prompt")
     q.add_argument("--inversion-prompt", default="", help="prompt for the DDIM inversion (default: empty)")
-    q.add_argument("--negative-prompt", default=None)
+    q.add_argument("--negative-prompt", default=None, help="weighed against \"\" by --alpha")
     q.add_argument("--alpha", type=finite, default=0.0,
                    help="initial weight of the empty prompt against the negative one (0: negative prompt only)")
     q.add_argument("--alpha-schedule", default="constant", choices=("constant", "linear", "exp"),
                    help="constant: alpha; linear: alpha down to 0; exp: alpha e^(-6 i/(N-1)) (LDM plug-and-play)")
     q.add_argument("--inversion-steps", type=positive, default=999,
                    help="DDIM inversion steps (999 as the official code; as many as --steps: 20x fewer UNet calls)")
-    q.add_argument("--feature-injection", type=fraction, default=0.8)
-    q.add_argument("--attention-injection", type=fraction, default=0.5)
+    q.add_argument("--feature-injection", type=fraction, default=0.8, help="fraction of steps with injected features")
+    q.add_argument("--attention-injection", type=fraction, default=0.5,
+                   help="fraction of steps with injected self-attention q and k")
     q.add_argument("--feature-layers", nargs="+", default=None, help="ResBlocks to inject (default output_blocks.4.0)")
     q.add_argument("--attention-layers", nargs="+", default=None, help="attn1 modules (default decoder layers 4-11)")
     add_sampling_args(q, "folder for " + ", ".join(PNP_FILES), seed_arg=False)
@@ -122,18 +136,23 @@ def parser():
     fsub = f.add_subparsers(dest="view", required=True)
     pca = fsub.add_parser("pca", help="top-3 PCA of features as RGB, one basis shared by all images")
     add_model_args(pca)
-    pca.add_argument("--image", nargs="+", required=True)
+    pca.add_argument("--image", nargs="+", required=True, help="one or more images, each centre-cropped and resized")
     pca.add_argument("--layers", nargs="+", default=["output_blocks.4"], help="blocks or hook names")
     pca.add_argument("--step", type=fraction, default=0.5, help="noise level as a fraction of the inversion (0 clean, 1 noise)")
-    pca.add_argument("--steps", type=positive, default=50)
+    pca.add_argument("--steps", type=positive, default=50, help="DDIM inversion steps")
     pca.add_argument("--out", required=True, help="folder for pca_<layer>_<image>.png")
-    pca.add_argument("--force", action="store_true")
+    pca.add_argument("--force", action="store_true", help="overwrite files in --out")
 
     d = sub.add_parser("demo", help="a gallery from the bundled sdlens-tiny model")
     add_model_args(d)
     d.add_argument("--out", default="sdlens-demo", help="folder to create (a free name is picked if it exists)")
-    d.add_argument("--seed", type=seed, default=0)
-    d.add_argument("--steps", type=positive, default=50)
+    d.add_argument("--seed", type=seed, default=0, help="0 to 2**63-1")
+    d.add_argument("--steps", type=positive, default=50, help="DDIM steps")
+
+    h = sub.add_parser("hooks", help="list the hook points with their kinds, places and shapes")
+    add_model_args(h)
+    h.add_argument("--height", type=positive, default=None, help="image height, multiple of 8 (default: the model's size)")
+    h.add_argument("--width", type=positive, default=None, help="image width, multiple of 8 (default: the model's size)")
     return ap
 
 
@@ -220,7 +239,7 @@ def cmd_p2p(args):
                             self_replace_steps=args.self_steps, equalize=weights or None, blend=blend, steps=args.steps)
     inversion = None
     if args.image:
-        image = load_image(args.image, sd.default_size)
+        image = load_image(args.image, sd=sd)
         inversion = invert_image(sd, image, args.prompt, args.inversion, args.steps, args.guidance, progress=True)
     res = editor.run(guidance_scale=args.guidance, seed=args.seed, inversion=inversion, low_memory=args.low_memory,
                      progress=True)
@@ -243,7 +262,7 @@ def cmd_pnp(args):
     from .editing.pnp import FEATURE_LAYERS, translate
     from .pipeline import to_pil
     sd = load_model(args)
-    image = load_image(args.image, sd.default_size)
+    image = load_image(args.image, sd=sd)
     res = translate(sd, image, args.prompt, inversion_prompt=args.inversion_prompt, negative_prompt=args.negative_prompt,
                     alpha=args.alpha, alpha_schedule=args.alpha_schedule, feature_injection=args.feature_injection,
                     attention_injection=args.attention_injection, feature_layers=args.feature_layers or FEATURE_LAYERS,
@@ -269,7 +288,7 @@ def cmd_features(args):
     preflight(args, [f for fs in outs.values() for f in fs], inputs)
     k = round(args.step * args.steps)
     t = list(reversed(timesteps(sd.scheduler, args.steps)))[max(k - 1, 0)]
-    latents = [inversion_latents(sd, load_image(p, sd.default_size), steps=args.steps)[k] for p in args.image]
+    latents = [inversion_latents(sd, load_image(p, sd=sd), steps=args.steps, progress=True)[k] for p in args.image]
     feats = collect(sd, latents, t, names)
     with Staged(args.out, args.force) as out:
         for n in names:
@@ -288,7 +307,17 @@ def cmd_demo(args):
     print(os.path.abspath(args.out))
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "features": cmd_features}
+def cmd_hooks(args):
+    check_device(args.device)
+    sd = load_model(args)
+    height, width = sd.check_size(args.height, args.width)
+    f = sd.latent_factor
+    print(f"{sd}\nhook points for {height}x{width} images ({height // f}x{width // f} latents), batch 1:")
+    print(sd.unet.describe(height // f, width // f))
+
+
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "features": cmd_features,
+            "hooks": cmd_hooks}
 
 
 def main(argv=None):

@@ -11,16 +11,31 @@ from .schedulers import DDIMConfig, classifier_free_guidance, sample
 
 
 class StableDiffusion:
+    """The loaded model (`sdlens.load(...)`): `unet`, `vae`, `text_encoder`, `tokenizer`, the DDIM
+    `scheduler` config, and `default_size`, the side of the images it was trained on."""
+
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: DDIMConfig, default_size: int = 512):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler, self.default_size = scheduler, default_size
 
+    def __repr__(self):
+        ctx = self.unet.cfg.context_dim
+        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(ctx, "SD architecture, custom widths")  # CLIP L / OpenCLIP H
+        s, f, c = self.default_size, self.latent_factor, self.unet.cfg.in_channels
+        millions = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
+        return (f"StableDiffusion({family}: {s}x{s} images, latents [B, {c}, {s // f}, {s // f}] (VAE factor {f}), "
+                f"{self.dtype} on {self.device} (VAE float32), {self.scheduler.prediction_type} prediction, "
+                f"{len(self.unet.hook_names())} hook points; UNet {millions(self.unet)}, "
+                f"text encoder {millions(self.text_encoder)} (context {ctx}), VAE {millions(self.vae)} parameters)")
+
     @property
     def device(self):
+        """Where the UNet (and so the sampler) runs."""
         return next(self.unet.parameters()).device
 
     @property
     def dtype(self):
+        """The UNet's and text encoder's dtype (float32, float16 or bfloat16); the VAE is float32."""
         return next(self.unet.parameters()).dtype
 
     @property
@@ -31,10 +46,12 @@ class StableDiffusion:
 
     @property
     def latent_factor(self):
+        """Image side / latent side: 8 for SD, 4 for sdlens-tiny."""
         return 2 ** (len(self.vae.cfg.ch_mult) - 1)
 
     # ---- building blocks ----
     def tokenize(self, prompts: List[str]) -> torch.Tensor:
+        """Prompts -> [B, 77] CLIP token ids, padded; a prompt longer than 77 tokens is cut (with a warning)."""
         n = self.text_encoder.cfg.max_positions
         for p in prompts:
             ids = self.tokenizer(p).input_ids
@@ -46,28 +63,42 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Union[str, List[str]]) -> torch.Tensor:
-        """Prompts -> [B, 77, D] text embeddings, the UNet's cross-attention context."""
+        """A prompt or a list of them (any strings, "" for the unconditional one) -> [B, 77, D] text
+        embeddings, the UNet's cross-attention context (D = 768 for SD 1.x, 1024 for SD 2.x)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.text_encoder(self.tokenize(prompts))
 
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
-        """PIL image(s) or a [B,3,H,W] tensor in [0,1] -> diffusion-space latents (posterior mean x scale)."""
+        """PIL image(s) or a [B,3,H,W] tensor in [0,1] -> diffusion-space latents [B, 4, H/f, W/f]
+        (posterior mean x scaling factor; f = `latent_factor`, 8 for SD, 4 for sdlens-tiny). H and W
+        must be multiples of f; far from `default_size` a warning says so (`load_image(path, sd=sd)`)."""
         x = to_tensor(image).to(self.device, torch.float32)
         f = self.latent_factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {f}; crop or resize it")
+        self.warn_size(*x.shape[-2:])
         mean, _ = self.vae.encode(2 * x - 1)
         return mean * self.vae.cfg.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Diffusion-space latents -> images [B,3,H,W] in [0,1]. The VAE always runs in float32,
+        """Diffusion-space latents [B, 4, h, w] -> images [B,3,h f,w f] in [0,1]. The VAE always runs in float32,
         because its decoder overflows fp16 on some inputs (NaN images)."""
         x = self.vae.decode(z.to(torch.float32) / self.vae.cfg.scaling_factor)
         return (x / 2 + 0.5).clamp(0, 1)
 
+    def warn_size(self, height, width, stacklevel=4):  # 4: the caller of a @no_grad method
+        """Warn when an image side is outside [default_size / 2, 2 default_size]: a UNet trained at one
+        size gives poor images far from it (SD 1.5 at 1024 repeats objects), and time grows as H x W."""
+        s = self.default_size
+        if not all(s / 2 <= n <= 2 * s for n in (height, width)):
+            warnings.warn(f"{height}x{width} images are far from this model's {s}x{s} (sd.default_size): expect poor "
+                          f"images and about {height * width / s ** 2:.2g}x the time per step; "
+                          f"load_image(path, sd=sd) resizes to it", stacklevel=stacklevel)
+
     def check_size(self, height, width):
+        """(height, width), None meaning `default_size`; ValueError unless positive multiples of 8."""
         height, width = height or self.default_size, width or self.default_size
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
@@ -95,10 +126,21 @@ class StableDiffusion:
     @torch.no_grad()
     def generate(self, prompt, *, negative_prompt=None, steps=50, guidance_scale=7.5, eta=0.0, seed=None,
                  latents=None, height=None, width=None, output="pil", progress=True):
+        """Text to images with DDIM and classifier-free guidance.
+
+        prompt: a string or a list of B strings. negative_prompt: None (""), a string, or B strings.
+        steps: DDIM steps, 1 to 999 (official 50). guidance_scale: w, any number; 1 turns guidance
+        off (one UNet pass), SD's usual 7.5. eta: 0 (deterministic DDIM) to 1 (DDPM-like noise).
+        seed: an int for reproducible noise, None for fresh noise. latents: the starting noise
+        instead, [B, 4, height/f, width/f] with f = `latent_factor` (8 for SD, 4 for sdlens-tiny:
+        [B, 4, 16, 16] at its 64x64). height, width: multiples of 8, default `default_size`; far from
+        it a warning says so. output: "pil" (a list of B PIL images) or "tensor" ([B,3,H,W] in [0,1],
+        on the CPU). progress: a tqdm bar on stderr."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', not {output!r}")
         height, width = self.check_size(height, width)
+        self.warn_size(height, width)
         b = len(prompts)
         neg = negative_prompt if negative_prompt is not None else ""
         neg = [neg] * b if isinstance(neg, str) else list(neg)
@@ -130,5 +172,6 @@ def to_tensor(image) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """[B,3,H,W] in [0,1] (any float dtype, any device) -> B PIL RGB images."""
     arr = (images.detach().float().cpu().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]

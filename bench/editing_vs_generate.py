@@ -48,12 +48,14 @@ def make_runs(args, sd):
     src, tgt = "a big red circle on the left", "a big blue circle on the left"
     return {
         "generate2": lambda: sd.generate([src, tgt], steps=steps, seed=0, height=size, width=size, progress=False),
-        "p2p": lambda: PromptToPrompt(sd, src, [tgt], steps=steps).run(seed=0, height=size, width=size),
+        "p2p": lambda: PromptToPrompt(sd, src, [tgt], steps=steps).run(seed=0, height=size, width=size,
+                                                                             progress=False),
         "p2p_low_memory": lambda: PromptToPrompt(sd, src, [tgt], steps=steps).run(seed=0, height=size, width=size,
-                                                                                    low_memory=True),
-        "null_text": lambda: invert_image(sd, image, src, "null-text", steps),
+                                                                                    low_memory=True, progress=False),
+        "null_text": lambda: invert_image(sd, image, src, "null-text", steps, progress=False),
         "generate1": lambda: sd.generate(src, steps=steps, seed=0, height=size, width=size, progress=False),
-        "pnp": lambda: translate(sd, image, "a big blue star on the left", steps=steps, inversion_steps=steps),
+        "pnp": lambda: translate(sd, image, "a big blue star on the left", steps=steps, inversion_steps=steps,
+                                 progress=False),
     }
 
 

@@ -41,12 +41,12 @@ class Inversion:
         return self.latents[self.steps - 1 - step]
 
 
-def ddim_latents(sd, image, prompt, steps):
+def ddim_latents(sd, image, prompt, steps, progress=False):
     """Conditional DDIM inversion at w = 1: [z_0, ..., z_T]."""
     z0 = sd.encode_image(image).to(sd.latent_dtype)
     cond = sd.encode_prompt([prompt])
     with torch.no_grad():
-        zs = invert(sd.denoiser(cond, 1.0, steps), z0, sd.scheduler, steps)
+        zs = invert(sd.denoiser(cond, 1.0, steps), z0, sd.scheduler, steps, progress=progress)
     return zs
 
 
@@ -57,31 +57,36 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
     the model's dtype (the UNet casts its input and returns float32). In fp16, Adam's second moment
     after one step, (1 - 0.999) grad^2 ~ 1e-8 on sdlens-tiny, and its eps 1e-8 are below fp16's
     smallest number (6e-8), so the update is 0/0 = NaN; and the early-stop limit 1e-5 is below
-    fp16's normal range (6.1e-5)."""
+    fp16's normal range (6.1e-5).
+
+    `progress`: a bar over the steps whose postfix counts the inner Adam steps and shows the loss
+    (each inner step is a UNet forward and backward pass, up to `inner_steps` of them per step)."""
     steps = len(zs) - 1
     cfg, acp, ts = sd.scheduler, alphas_cumprod(sd.scheduler), timesteps(sd.scheduler, steps)
     ratio = cfg.num_train_timesteps // steps
     cond = sd.encode_prompt([prompt])
     uncond = sd.encode_prompt([""]).to(sd.latent_dtype)  # the fp32 copy that Adam updates
     out, x = [], zs[-1]
-    it = range(steps)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        it = tqdm(it, desc="null-text inversion", leave=False)
-    for i in it:
+        bar = tqdm(total=steps, desc="null-text inversion", leave=False)
+    for i in range(steps):
         t = ts[i]
         uncond = uncond.detach().clone().requires_grad_(True)
         opt = torch.optim.Adam([uncond], lr=1e-2 * (1.0 - i / 100.0))
         target = zs[steps - 1 - i]
         with torch.no_grad():
             eps_c = sd.unet(x, t, cond)
-        for _ in range(inner_steps):
+        for j in range(inner_steps):
             eps_u = sd.unet(x, t, uncond)
             prev = ddim_step(cfg, acp, classifier_free_guidance(eps_u, eps_c, guidance_scale), t, t - ratio, x)
             loss = F.mse_loss(prev, target)  # in fp32, as the UNet returns fp32 and the latents are fp32
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if bar is not None:
+                bar.set_postfix(inner=f"{j + 1}/{inner_steps}", loss=f"{loss.item():.1e}")
             if loss.item() < early_stop + i * 2e-5:
                 break
         uncond = uncond.detach()
@@ -89,14 +94,26 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
         with torch.no_grad():
             eps_u = sd.unet(x, t, uncond)
             x = ddim_step(cfg, acp, classifier_free_guidance(eps_u, eps_c, guidance_scale), t, t - ratio, x)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     return out
 
 
-def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5, progress=False) -> Inversion:
-    """Image (PIL or [1,3,H,W] in [0,1]) -> Inversion for `method` (see the module docstring)."""
+def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5, progress=True) -> Inversion:
+    """Image (PIL or [1,3,H,W] in [0,1], best at the model's size: `load_image(path, sd=sd)`) ->
+    Inversion for `method` (see the module docstring).
+
+    `prompt`: the prompt that describes the image; to edit with Prompt-to-Prompt it must be the
+    editor's source prompt (`editor.source`). `method`: ddim, null-text, negative-prompt or direct.
+    `steps` (>= 1): must equal the editor's steps (official: 50). `guidance_scale`: the w that the
+    edit will use (null-text optimises for it; official 7.5). `progress`: tqdm bars on stderr
+    (null-text, with its inner optimisation, is the slow one: about 20 s at 50 steps on sdlens-tiny
+    on 2 CPU cores, see the README's benchmarks)."""
     if method not in METHODS:
         raise ValueError(f"inversion {method!r} is unknown; use one of {', '.join(METHODS)}")
-    zs = ddim_latents(sd, image, prompt, steps)
+    zs = ddim_latents(sd, image, prompt, steps, progress)
     if method == "null-text":
         with torch.enable_grad():
             return Inversion(zs, prompt, method, uncond=null_text(sd, zs, prompt, guidance_scale, progress=progress))
@@ -108,14 +125,24 @@ def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5,
 MAX_SIZE = 4096  # 512 latents: far beyond SD's 512/768 training sizes, about 200 MB of float32 pixels
 
 
-def load_image(path, size):
-    """Centre-crop to a square and resize to `size` (a multiple of 8): the paper's preprocessing.
+def load_image(path, size=None, *, sd=None):
+    """Centre-crop the image at `path` to a square and resize it: the papers' preprocessing.
+
+    The side is `size` (a multiple of 8, at most 4096) if given, else the model's own size,
+    `sd.default_size` (64 for sdlens-tiny, 512 for SD 1.x): `load_image("photo.png", sd=sd)`.
+    A size far from the model's makes every UNet call slower (with the square of the side) and the
+    images worse, so prefer the model's.
 
     The EXIF orientation is applied (phones store portraits sideways), and 16-bit images keep their
     high byte, as PIL itself decodes 16-bit RGB PNGs (a plain convert("RGB") clips them to white).
     """
     import numpy as np
     from PIL import Image, ImageOps
+    if size is None:
+        if sd is None:
+            raise TypeError("load_image() needs the model, load_image(path, sd=sd), to resize to its own size "
+                            "(sd.default_size), or a size, load_image(path, 512)")
+        size = sd.default_size
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"size must be an int, got {type(size).__name__}")
     if size <= 0 or size % 8 or size > MAX_SIZE:

@@ -247,8 +247,15 @@ class PromptToPrompt:
     # ---- sampling ----
     @torch.no_grad()
     def run(self, guidance_scale=7.5, seed=None, latents=None, inversion: Optional[Inversion] = None,
-            low_memory=False, store_size=32, height=None, width=None, progress=False):
-        """Sample the source and the targets together from the same noise -> EditResult."""
+            low_memory=False, store_size=32, height=None, width=None, progress=True):
+        """Sample the source and the targets together from the same noise -> EditResult.
+
+        The noise is `inversion.latents[-1]` (a real image, from `invert_image` with this editor's
+        source prompt and steps), else `latents` ([1 or n, C, h, w]), else drawn from `seed`
+        (an int, or None for fresh noise) at `height` x `width` (multiples of 8; default the
+        model's size). `guidance_scale`: w, any finite number (1 turns guidance off; official 7.5).
+        `low_memory`: unconditional and conditional rows in two passes. `store_size`: the largest
+        map side the attention store keeps (32). `progress`: a tqdm bar on stderr."""
         sd, steps = self.sd, self.steps
         prompts = [self.source] + self.targets
         n = len(prompts)
@@ -262,6 +269,7 @@ class PromptToPrompt:
             x = latents.expand(n, -1, -1, -1).clone() if latents.shape[0] == 1 else latents
         else:
             height, width = sd.check_size(height, width)
+            sd.warn_size(height, width)
             f = sd.latent_factor
             g = torch.Generator().manual_seed(seed) if seed is not None else None
             x = torch.randn((1, sd.unet.cfg.in_channels, height // f, width // f), generator=g).expand(n, -1, -1, -1).clone()

@@ -140,7 +140,7 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
               alpha_schedule="constant", feature_injection=0.8, attention_injection=0.5,
               feature_layers: Sequence[str] = FEATURE_LAYERS, attention_layers: Optional[Sequence[str]] = None,
               guidance_scale=7.5, steps=50, inversion_steps=INVERSION_STEPS, latents: Optional[list] = None,
-              observe: Optional[dict] = None, progress=False) -> PnPResult:
+              observe: Optional[dict] = None, progress=True) -> PnPResult:
     """Translate `image` (PIL / [1,3,H,W] in [0,1]) to `prompt`.
 
     `inversion_steps`: steps of the DDIM inversion of `image`, 999 as the official codes (trade-off
@@ -149,7 +149,11 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     `inversion_latents`, or its raw N'-step trajectory), instead of inverting `image`.
     `source_prompt`: conditions the source row ("" as both official codes; `inversion_prompt` makes the
     source row retrace the inversion). `observe`: extra hooks attached after the injections, so they
-    see the injected values."""
+    see the injected values.
+    Ranges: `alpha`, `feature_injection`, `attention_injection` in [0, 1]; `alpha_schedule` constant,
+    linear or exp; `steps` 1 to 999; `inversion_steps` at least `steps` and passing through all of its
+    timesteps (`steps` itself, or 999); `guidance_scale` a number (official 7.5).
+    `progress`: tqdm bars on stderr for the inversion and the sampling."""
     for name, value in (("alpha", alpha), ("feature_injection", feature_injection),
                         ("attention_injection", attention_injection)):
         check_fraction(name, value)

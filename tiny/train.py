@@ -164,15 +164,21 @@ def finetune_decoder(sd, steps, batch, seed, t0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=1200)
-    ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=4000)
-    ap.add_argument("--unet-batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--scenes", type=int, default=20000)
+    class Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """The module docstring as written (its example commands), and every default but None."""
+
+        def _get_help_string(self, action):
+            return action.help if action.default is None else super()._get_help_string(action)
+
+    ap = argparse.ArgumentParser(prog="python -m sdlens.tiny.train", description=__doc__, formatter_class=Help)
+    ap.add_argument("--out", required=True, help="diffusers folder to write (must not exist)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the scenes, the initialisation and the batches")
+    ap.add_argument("--vae-steps", type=int, default=1200, help="VAE training steps")
+    ap.add_argument("--vae-batch", type=int, default=16, help="VAE batch size")
+    ap.add_argument("--unet-steps", type=int, default=4000, help="UNet + text encoder training steps")
+    ap.add_argument("--unet-batch", type=int, default=32, help="UNet batch size")
+    ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the UNet and text encoder")
+    ap.add_argument("--scenes", type=int, default=20000, help="rendered scenes encoded once for the UNet stage")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--finetune-vae", metavar="FOLDER", default=None,
                     help="instead of training from scratch: load FOLDER, fine-tune its VAE's encoder and decoder "

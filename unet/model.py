@@ -206,3 +206,32 @@ class UNetModel(HookedModule):
             h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return self.hook_out(self.out(h)).to(torch.promote_types(dtype, torch.float32))
+
+    def hook_shapes(self, height: int, width: int, batch: int = 1) -> dict:
+        """{hook name: shape} for a [batch, C, height, width] latent, from a forward on the meta device
+        (shapes only: no memory, no arithmetic, a fraction of a second even for SD's UNet)."""
+        for n, v in (("height", height), ("width", width), ("batch", batch)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{n} must be a positive whole number (latent pixels), got {v!r}")
+        with torch.device("meta"):
+            twin = UNetModel(self.cfg)
+            x = torch.zeros(batch, self.cfg.in_channels, height, width)
+            context = torch.zeros(batch, 77, self.cfg.context_dim)
+        with twin.record(lambda n: True) as store:  # hook_probs too: on meta it costs nothing
+            twin(x, 1, context)
+        return {n: tuple(v[0].shape) for n, v in store.items()}
+
+    def describe(self, height: int, width: int) -> str:
+        """A table of every hook point for a `height` x `width` LATENT (the image's size divided by
+        `sd.latent_factor`): name, kind, place, block, the side of its feature map and its shape at
+        batch 1. `print(sd.unet.describe(64, 64))` for SD at 512x512; `python -m sdlens hooks`."""
+        shapes = self.hook_shapes(height, width)
+        infos = {n: self.hook_info(n) for n in shapes}
+        # The map at a level is the shape of its spatial points; attention points live at that level.
+        maps = {i.level: shapes[n][-2:] for n, i in infos.items() if len(shapes[n]) == 4 and "attention" not in i.kind}
+        rows = [("hook point", "kind", "place", "block", "map", "shape")]
+        for n, i in infos.items():
+            h, w = maps[i.level]
+            rows.append((n, i.kind, i.place or "-", str(i.block), f"{h}x{w}", str(list(shapes[n]))))
+        widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
