@@ -13,6 +13,7 @@ what the editor must use on the unconditional (or source) branch to reconstruct 
 - `direct`: Ju et al. 2024, "PnP Inversion": keep "" as unconditional and add, each step, the
   offset that puts the source branch back onto the trajectory (`Inversion.direct`).
 """
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -88,9 +89,12 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
 
 
 def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5, progress=False) -> Inversion:
-    """Image (PIL or [1,3,H,W] in [0,1]) -> Inversion for `method` (see the module docstring)."""
+    """Image (PIL, [1,3,H,W] in [0,1], or a path, read by `load_image` at the model's size) ->
+    Inversion for `method` (see the module docstring)."""
     if method not in METHODS:
         raise ValueError(f"inversion {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image, sd.default_size)
     zs = ddim_latents(sd, image, prompt, steps)
     if method == "null-text":
         with torch.enable_grad():

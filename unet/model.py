@@ -158,6 +158,9 @@ class UNetModel(HookedModule):
 
     def forward(self, x, t, context):
         """x: [B,C,h,w] latents, t: timestep(s), context: [B,77,D] text. Returns eps or v."""
+        if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:  # else a matmul error deep inside
+            raise ValueError(f"context must be [B, tokens, {self.cfg.context_dim}] text embeddings, "
+                             f"got shape {tuple(context.shape)}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
         context = context.to(x.dtype)
