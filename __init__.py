@@ -8,9 +8,15 @@ from .weights import WeightsError
 __version__ = "0.1.0"
 
 
-def load(source=None, *, device="cpu", dtype=torch.float32, prediction_type=None, allow_pickle=False) -> StableDiffusion:
+def load(source=None, *, device="cpu", dtype=torch.float32, prediction_type=None, allow_pickle=False,
+         config=None) -> StableDiffusion:
     """Load SD 1.x/2.x weights: a single-file .safetensors checkpoint, a diffusers folder, or
-    None for the bundled sdlens-tiny model. Strict: every weight filled, every key used."""
+    None for the bundled sdlens-tiny model. Strict: every weight filled, every key used.
+
+    dtype: a torch dtype or "float32" / "float16" / "bfloat16". config (single files only): a
+    diffusers folder whose config.json files describe the file's model, or a .json file holding
+    the configs `save_single_file` stores in its metadata; it overrides that metadata and the
+    SD 1/2 presets."""
     from .weights import load_components
-    return StableDiffusion(**load_components(source, device=device, dtype=dtype,
-                                             prediction_type=prediction_type, allow_pickle=allow_pickle))
+    return StableDiffusion(**load_components(source, device=device, dtype=dtype, prediction_type=prediction_type,
+                                             allow_pickle=allow_pickle, config=config))

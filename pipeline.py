@@ -1,4 +1,6 @@
 """The text-to-image pipeline: tokenizer -> CLIP text -> DDIM over the UNet -> VAE decode."""
+import math
+import numbers
 import warnings
 from typing import List, Optional, Union
 
@@ -8,6 +10,7 @@ from PIL import Image
 
 from .hooks import StepContext
 from .schedulers import DDIMConfig, classifier_free_guidance, sample
+from .schedulers.ddim import check_eta
 
 
 class StableDiffusion:
@@ -99,7 +102,10 @@ class StableDiffusion:
 
     def check_size(self, height, width):
         """(height, width), None meaning `default_size`; ValueError unless positive multiples of 8."""
-        height, width = height or self.default_size, width or self.default_size
+        height = self.default_size if height is None else height  # 0 is an error, not "the default"
+        width = self.default_size if width is None else width
+        if not (_is_int(height) and _is_int(width)):
+            raise TypeError(f"height and width must be integers, got {height!r} and {width!r}")
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
         return height, width
@@ -136,14 +142,24 @@ class StableDiffusion:
         [B, 4, 16, 16] at its 64x64). height, width: multiples of 8, default `default_size`; far from
         it a warning says so. output: "pil" (a list of B PIL images) or "tensor" ([B,3,H,W] in [0,1],
         on the CPU). progress: a tqdm bar on stderr."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _strings(prompt, "prompt")
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', not {output!r}")
         height, width = self.check_size(height, width)
         self.warn_size(height, width)
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, not {steps!r}")
+        for name, v in (("guidance_scale", guidance_scale), ("eta", eta)):
+            if not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, not {v!r}")
+        check_eta(eta)
+        if seed is not None and not _is_int(seed):
+            raise TypeError(f"seed must be an integer or None, not {seed!r}")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, not {type(latents).__name__}")
         b = len(prompts)
-        neg = negative_prompt if negative_prompt is not None else ""
-        neg = [neg] * b if isinstance(neg, str) else list(neg)
+        neg = "" if negative_prompt is None else negative_prompt
+        neg = [neg] * b if isinstance(neg, str) else _strings(neg, "negative_prompt")
         if len(neg) != b:
             raise ValueError(f"{len(neg)} negative prompts for {b} prompts; give one, or one per prompt")
         cond = self.encode_prompt(prompts)
@@ -162,13 +178,31 @@ class StableDiffusion:
         return images.cpu() if output == "tensor" else to_pil(images)
 
 
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _strings(x, name):
+    """A string or a non-empty list of strings -> a list; else an error naming the argument."""
+    xs = [x] if isinstance(x, str) else x
+    if not isinstance(xs, (list, tuple)) or not all(isinstance(p, str) for p in xs):
+        raise TypeError(f"{name} must be a string or a list of strings, not {type(x).__name__}")
+    if not xs:
+        raise ValueError(f"{name} is an empty list; give a string or at least one")
+    return list(xs)
+
+
 def to_tensor(image) -> torch.Tensor:
     """PIL image / list of them / [B,3,H,W] or [3,H,W] tensor in [0,1] -> [B,3,H,W] float."""
     if isinstance(image, torch.Tensor):
         return image[None] if image.ndim == 3 else image
     images = image if isinstance(image, (list, tuple)) else [image]
+    if not images or not all(isinstance(im, Image.Image) for im in images):
+        raise TypeError(f"image must be a PIL image, a list of them or a [B,3,H,W] tensor, not {type(image).__name__}")
     arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    # contiguous: a channels-last view sends CPU convolutions down a less accurate path
+    # (2.4e-5 vs 1.4e-6 against float64 on the VAE encoder)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def to_pil(images: torch.Tensor) -> List[Image.Image]:

@@ -13,6 +13,7 @@ what the editor must use on the unconditional (or source) branch to reconstruct 
 - `direct`: Ju et al. 2024, "PnP Inversion": keep "" as unconditional and add, each step, the
   offset that puts the source branch back onto the trajectory (`Inversion.direct`).
 """
+import os
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -102,7 +103,7 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
 
 
 def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5, progress=True) -> Inversion:
-    """Image (PIL or [1,3,H,W] in [0,1], best at the model's size: `load_image(path, sd=sd)`) ->
+    """Image (PIL, [1,3,H,W] in [0,1], or a path read at the model's size; best at the model's size: `load_image(path, sd=sd)`) ->
     Inversion for `method` (see the module docstring).
 
     `prompt`: the prompt that describes the image; to edit with Prompt-to-Prompt it must be the
@@ -113,6 +114,8 @@ def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5,
     on 2 CPU cores, see the README's benchmarks)."""
     if method not in METHODS:
         raise ValueError(f"inversion {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image, sd=sd)
     zs = ddim_latents(sd, image, prompt, steps, progress)
     if method == "null-text":
         with torch.enable_grad():

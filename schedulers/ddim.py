@@ -37,7 +37,19 @@ def timesteps(cfg: DDIMConfig, steps: int) -> List[int]:
     if not 1 <= steps <= cfg.num_train_timesteps:
         raise ValueError(f"steps must be between 1 and {cfg.num_train_timesteps}, got {steps}")
     ratio = cfg.num_train_timesteps // steps
-    return [i * ratio + cfg.steps_offset for i in reversed(range(steps))]
+    ts = [i * ratio + cfg.steps_offset for i in reversed(range(steps))]
+    if ts[0] >= cfg.num_train_timesteps:  # SD's steps_offset 1 at 1000 steps would start at t = 1000
+        n = cfg.num_train_timesteps
+        most = max(s for s in range(1, n + 1) if (s - 1) * (n // s) + cfg.steps_offset < n)
+        raise ValueError(f"steps={steps} would start at timestep {ts[0]}, past the last trained one ({n - 1}): "
+                         f"'leading' spacing adds steps_offset {cfg.steps_offset}; use at most {most} steps")
+    return ts
+
+
+def check_eta(eta):
+    """eta in [0, 1]: beyond 1, 1 - a_prev - sigma^2 (eq. 12) goes negative and its root complex."""
+    if not 0 <= eta <= 1:  # also refuses NaN
+        raise ValueError(f"eta must be between 0 (deterministic DDIM) and 1 (DDPM-like), not {eta!r}")
 
 
 def alpha_at(cfg: DDIMConfig, acp: torch.Tensor, t: int) -> float:
@@ -71,6 +83,7 @@ def ddim_step(cfg, acp, out, t, t_prev, x, eta=0.0, noise=None):
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
     sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (eq. 16)
     """
+    check_eta(eta)
     a, a_prev = alpha_at(cfg, acp, t), alpha_at(cfg, acp, t_prev)
     x0, eps = split_prediction(cfg, out, x, a)
     sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
@@ -109,6 +122,7 @@ def sample(denoise: Callable, x: torch.Tensor, cfg: DDIMConfig, steps: int, eta:
     and similar latent edits use this). x is kept in float32 (float64 if given) whatever the
     dtypes of x_T and of the model: see `state_dtype`.
     """
+    check_eta(eta)
     x = x.to(state_dtype(x))
     acp = alphas_cumprod(cfg)
     ts = timesteps(cfg, steps)

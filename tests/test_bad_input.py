@@ -124,3 +124,136 @@ def test_cli_errors_and_no_overwrite(sd1_fixture, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["img.png"]  # no temporary files left behind
     r = cli("generate", "--prompt", "x", "--steps", "zero", "--out", str(out))
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("field,edit", [
+    (None, lambda c: [c]),                                           # a list, not an object
+    ("block_out_channels", lambda c: {**c, "block_out_channels": [0] + c["block_out_channels"][1:]}),
+    ("layers_per_block", lambda c: {**c, "layers_per_block": -1}),
+    ("sample_size", lambda c: {**c, "sample_size": "8"}),            # was "8" * 8 as the image size
+    ("cross_attention_dim", lambda c: {**c, "cross_attention_dim": 0})])
+def test_bad_config_json(sd1_fixture, tmp_path, field, edit):
+    """Each gave an AttributeError, ZeroDivisionError or a later TypeError; now one line naming
+    the file and the field."""
+    import json
+    import shutil
+    bad = tmp_path / "folder"
+    shutil.copytree(sd1_fixture["folder"], bad)
+    path = bad / "unet" / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(WeightsError) as e:
+        sdlens.load(bad)
+    msg = one_line(e)
+    assert str(path) in msg and (field or "JSON object") in msg
+
+
+def test_single_file_missing_cross_attention_or_out(fixture, tmp_path):
+    """A bare StopIteration, and a KeyError whose whole message was the key, before."""
+    sd = load_file(fixture["single"])
+    save_file({k: v for k, v in sd.items() if "attn2" not in k}, str(tmp_path / "no_attn2.safetensors"))
+    with pytest.raises(WeightsError) as e:
+        sdlens.load(tmp_path / "no_attn2.safetensors")
+    assert "attn2" in one_line(e) and "not a complete" in str(e.value)
+    del sd["model.diffusion_model.out.2.weight"]
+    save_file(sd, str(tmp_path / "no_out.safetensors"))
+    with pytest.raises(WeightsError) as e:
+        sdlens.load(tmp_path / "no_out.safetensors")
+    assert "no model.diffusion_model.out.2.weight in this file" in one_line(e)
+
+
+def test_nan_or_inf_weights_are_refused_by_name(sd1_fixture, tmp_path):
+    sd = load_file(sd1_fixture["single"])
+    k = "first_stage_model.decoder.conv_in.weight"
+    for bad in (float("nan"), float("inf")):
+        sd[k] = sd[k].clone()
+        sd[k].view(-1)[7] = bad
+        save_file(sd, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(WeightsError) as e:
+            sdlens.load(tmp_path / "bad.safetensors")
+        assert "VAE tensor decoder.conv_in.weight holds NaN or inf" in one_line(e)
+        os.remove(tmp_path / "bad.safetensors")
+    sd = load_file(sd1_fixture["single"])
+    k = "model.diffusion_model.out.2.bias"
+    sd[k] = sd[k] + 1e6  # finite in float32, inf in float16 (max 65504)
+    save_file(sd, str(tmp_path / "big.safetensors"))
+    sdlens.load(tmp_path / "big.safetensors")
+    with pytest.raises(WeightsError, match="out.2.bias overflows torch.float16"):
+        sdlens.load(tmp_path / "big.safetensors", dtype=torch.float16)
+
+
+def test_folder_without_tokenizer_and_uppercase_pickle(sd1_fixture, tmp_path):
+    import shutil
+    bad = tmp_path / "folder"
+    shutil.copytree(sd1_fixture["folder"], bad)
+    shutil.rmtree(bad / "tokenizer")
+    with pytest.raises(WeightsError) as e:  # was transformers' "Repo id must be in the form ..."
+        sdlens.load(bad)
+    assert "tokenizer/ folder is missing" in one_line(e)
+    p = tmp_path / "evil.CKPT"
+    torch.save({"state_dict": {"x": torch.zeros(1)}}, str(p))
+    with pytest.raises(WeightsError) as e:  # was read as a (corrupt) safetensors file
+        sdlens.load(p)
+    assert "allow_pickle=True" in one_line(e)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sdlens.load()
+
+
+@pytest.mark.parametrize("kwargs,error,name", [
+    (dict(prompt=[]), ValueError, "prompt"),
+    (dict(prompt=3), TypeError, "prompt"),
+    (dict(negative_prompt=[None]), TypeError, "negative_prompt"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+    (dict(guidance_scale=float("inf")), ValueError, "guidance_scale"),
+    (dict(eta=float("nan")), ValueError, "eta"),
+    (dict(eta=float("inf")), ValueError, "eta"),
+    (dict(eta=1.5), ValueError, "eta"),
+    (dict(steps=2.5), ValueError, "steps"),
+    (dict(height=0), ValueError, "height"),  # 0 silently meant the default size
+    (dict(width=-64), ValueError, "width"),
+    (dict(height=64.0), TypeError, "height"),
+    (dict(latents=torch.zeros(2, 4, 16, 16)), ValueError, "latents"),
+    (dict(latents=[[0.0]]), TypeError, "latents")])
+def test_generate_argument_errors(tiny, kwargs, error, name):
+    args = {"prompt": "a red circle", "steps": 2, "progress": False, **kwargs}
+    with pytest.raises(error, match=name):
+        tiny.generate(args.pop("prompt"), **args)
+
+
+def test_load_dtype_and_device(tiny):
+    half = sdlens.load(dtype="float16")  # the names torch and the CLI use
+    assert half.dtype == torch.float16 and sdlens.load(dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype 'fp8'"):
+        sdlens.load(dtype="fp8")
+    with pytest.raises(TypeError, match="dtype must be a torch dtype"):
+        sdlens.load(dtype=16)
+    with pytest.raises(ValueError, match="dtype must be a floating-point"):
+        sdlens.load(dtype=torch.int8)
+    with pytest.raises(ValueError, match="device 'bogus' is not usable"):
+        sdlens.load(device="bogus")
+
+
+def test_unet_context_width_and_image_type(tiny, tmp_path):
+    from sdlens.editing import invert_image, load_image
+    x, d = torch.randn(1, 4, 16, 16), tiny.unet.cfg.context_dim
+    for run in (tiny.unet, tiny.unet.run_with_cache):  # was a matmul shape error deep inside
+        with pytest.raises(ValueError, match=f"context must be \\[B, tokens, {d}\\]"):
+            run(x, 500, torch.randn(1, 77, d // 2))
+    with pytest.raises(TypeError, match="image must be a PIL image"):
+        invert_image(tiny, 123, "a red circle", steps=2)
+    from PIL import Image
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    by_path = invert_image(tiny, str(tmp_path / "red.png"), "a red circle", steps=2)  # a path is read for you
+    by_image = invert_image(tiny, load_image(tmp_path / "red.png", tiny.default_size), "a red circle", steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(by_path.latents, by_image.latents))
+
+
+def test_to_tensor_is_contiguous():
+    """The channels-last view of the PIL array sent CPU convolutions down a less accurate path."""
+    from PIL import Image
+    from sdlens.pipeline import to_tensor
+    x = to_tensor(Image.new("RGB", (24, 16)))
+    assert x.shape == (1, 3, 16, 24) and x.stride() == (3 * 16 * 24, 16 * 24, 24, 1)

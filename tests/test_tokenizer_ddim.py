@@ -95,3 +95,48 @@ def test_inversion_error_vanishes_with_steps(pred):
 
     err = {n: (sample(model, invert(model, x0, cfg, n)[-1], cfg, n) - x0).abs().max().item() for n in (10, 200)}
     assert err[200] < err[10] / 5 and err[200] < 0.01, err
+
+
+def test_steps_past_the_schedule_are_refused():
+    """SD's leading spacing with steps_offset 1 at 1000 steps would start at t = 1000, which does not
+    exist (diffusers' DDIMScheduler indexes past its table there); 999 is the most that fits."""
+    with pytest.raises(ValueError, match="steps=1000 .*at most 999 steps"):
+        timesteps(DDIMConfig(), 1000)
+    assert timesteps(DDIMConfig(), 999)[0] == 999
+
+
+def test_1000_steps_without_offset_match_diffusers():
+    """steps_offset 0, 1000 steps: timesteps 999..0, and the last step goes to t_prev = -1 (the final
+    alpha). Oracle: diffusers' DDIMScheduler over the whole chain, at eta 0 (our `sample`) and eta 1."""
+    cfg = DDIMConfig(steps_offset=0)
+    acp = alphas_cumprod(cfg)
+    g = torch.Generator().manual_seed(0)
+    x, x0 = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    noises = torch.randn(1000, 1, 4, 4, 4, generator=g)
+    model = lambda x, t, step: (x - acp[t] ** 0.5 * x0) / (1 - acp[t]) ** 0.5  # the ideal denoiser of x0
+    for eta in (0.0, 1.0):
+        ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                            set_alpha_to_one=False, steps_offset=0)
+        ref.set_timesteps(1000)
+        assert timesteps(cfg, 1000) == ref.timesteps.tolist() == list(range(999, -1, -1))
+        theirs = x
+        for i, t in enumerate(ref.timesteps):
+            theirs = ref.step(model(theirs, t, i), t, theirs, eta=eta, variance_noise=noises[i]).prev_sample
+        if eta == 0:
+            ours = sample(model, x, cfg, 1000)
+        else:
+            ours = x
+            for i, t in enumerate(timesteps(cfg, 1000)):
+                ours = ddim_step(cfg, acp, model(ours, t, i), t, t - 1, ours, eta, noises[i])
+        assert not ours.is_complex()
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [1.5, -0.1, float("nan")])
+def test_eta_outside_0_1_is_refused(eta):
+    """Beyond 1, 1 - a_prev - sigma^2 < 0 and the latents went complex (eq. 12); NaN passed silently."""
+    x = torch.randn(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="eta must be between 0"):
+        sample(lambda x, t, step: x, x, DDIMConfig(), 5, eta=eta)
+    with pytest.raises(ValueError, match="eta must be between 0"):
+        ddim_step(DDIMConfig(), alphas_cumprod(DDIMConfig()), x, 501, 481, x, eta)

@@ -193,6 +193,9 @@ class UNetModel(HookedModule):
         whatever the model's dtype: a DDIM step moves x by a few percent, which fp16 / bf16
         latents (11 / 8 bit mantissas) would partly round away at every step.
         """
+        if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:  # else a matmul error deep inside
+            raise ValueError(f"context must be [B, tokens, {self.cfg.context_dim}] text embeddings, "
+                             f"got shape {tuple(context.shape)}")
         dtype = self.time_embed[0].weight.dtype
         x, context = x.to(dtype), context.to(dtype)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])

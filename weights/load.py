@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import re
-import warnings
 
 import torch
 
@@ -16,6 +15,8 @@ from ..schedulers import DDIMConfig
 from ..text import CLIPTextEncoder, TextConfig
 from ..unet import UNetConfig, UNetModel
 from ..vae import AutoencoderKL, VAEConfig
+from .config import WeightsError, _short, folder_configs, given_configs, metadata_configs, read_json, structure_problem
+from .config import configs_from_diffusers  # noqa: F401 (re-exported: the tests build fixtures with it)
 from .convert import TEXT_SD1, TEXT_SD2, UNET, VAE, text_from_openclip, unet_to_diffusers, vae_to_diffusers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,10 +30,6 @@ DDPM_BUFFERS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
                 "posterior_mean_coef2", "logvar"}
 
 
-class WeightsError(ValueError):
-    """A checkpoint that cannot be loaded; the message is one line and says what to do."""
-
-
 class TensorFile:
     """Shapes of all tensors in a file, and each tensor on demand (memory-mapped)."""
 
@@ -42,7 +39,7 @@ class TensorFile:
             raise WeightsError(f"{path}: no such file")
         if os.path.getsize(path) == 0:
             raise WeightsError(f"{path}: the file is empty; download it again")
-        if path.endswith(PICKLE_EXT):
+        if path.lower().endswith(PICKLE_EXT):  # model.CKPT is a pickle too
             if not allow_pickle:
                 raise WeightsError(f"{path}: pickled checkpoints can run arbitrary code when loaded; use the "
                                    ".safetensors version, or pass allow_pickle=True (--allow-pickle) if you trust it")
@@ -75,8 +72,8 @@ class TensorFile:
             raise WeightsError(f"{self.path}: cannot read tensor {key} ({_short(e)}); the file is corrupt") from None
 
 
-def _short(e):
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+def _finite(t):
+    return bool(torch.isfinite(t).all())
 
 
 def fill(model, source, what, where, dtype, device):
@@ -92,7 +89,16 @@ def fill(model, source, what, where, dtype, device):
             if items:
                 parts.append(f"{len(items)} {name} (first: {', '.join(items[:3])})")
         raise WeightsError(f"{where}: does not match the {what} it looks like: {'; '.join(parts)}")
-    sd = {k: source[k][1]().to(device=device, dtype=dtype) for k in expected}
+    sd = {}
+    for k in expected:
+        raw = source[k][1]()
+        sd[k] = t = raw.to(device=device, dtype=dtype)
+        # One NaN/inf weight makes every output NaN; name the tensor now rather than a black image later.
+        if not _finite(t):
+            if _finite(raw):
+                raise WeightsError(f"{where}: {what} tensor {k} overflows {dtype} (values beyond its range); "
+                                   "load it in float32 or bfloat16")
+            raise WeightsError(f"{where}: {what} tensor {k} holds NaN or inf values; the file is corrupt")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -101,8 +107,8 @@ def _level_count(shapes, pattern):
     return 1 + max((int(m.group(1)) for k in shapes for m in [re.match(pattern, k)] if m), default=-1)
 
 
-def detect_single_file(tf):
-    """Keys and shapes -> (family, UNetConfig, VAEConfig, TextConfig)."""
+def single_file_family(tf):
+    """"SD 1.x" or "SD 2.x" from the text encoder's layout; refuses what is no SD 1/2 checkpoint."""
     s, p = tf.shapes, tf.path
     if any(k.startswith("conditioner.embedders") for k in s):
         raise WeightsError(f"{p}: this is an SDXL checkpoint; sdlens loads SD 1.x and 2.x only")
@@ -116,6 +122,32 @@ def detect_single_file(tf):
     else:
         raise WeightsError(f"{p}: the UNet is there but no CLIP text encoder (cond_stage_model.*); "
                            "this is not a full SD 1.x/2.x checkpoint")
+    return family
+
+
+def detect_single_file(tf):
+    """Keys and shapes -> (family, UNetConfig, VAEConfig, TextConfig), by the SD 1/2 presets."""
+    family = single_file_family(tf)
+    try:
+        u, v, t = _preset_configs(tf.shapes, family == "SD 2.x")
+    except KeyError as e:
+        raise WeightsError(f"{tf.path}: no {e.args[0]} in this file; it is not a complete {family} checkpoint") from None
+    except (ValueError, IndexError, ZeroDivisionError, AssertionError) as e:
+        problem = f"{type(e).__name__}: {_short(e)}"
+    else:
+        problem = structure_problem(u, v, t)
+    if problem:
+        raise WeightsError(f"{tf.path}: its shapes fit no SD 1.x/2.x preset ({problem}) and it holds no sdlens "
+                           "configs; pass config= a diffusers folder with this model's config.json files")
+    return family, u, v, t
+
+
+def _preset_configs(s, sd2):
+    def first(suffix):  # a KeyError naming what is missing, not a bare StopIteration
+        shape = next((v for k, v in s.items() if k.startswith(UNET) and k.endswith(suffix)), None)
+        if shape is None:
+            raise KeyError(f"UNet key *.{suffix} (cross-attention)")
+        return shape
     mc, cin = s[UNET + "input_blocks.0.0.weight"][:2]
     downs = sorted(int(m.group(1)) for k in s for m in [re.match(r"model\.diffusion_model\.input_blocks\.(\d+)\.0\.op\.weight", k)] if m)
     n_in = _level_count(s, r"model\.diffusion_model\.input_blocks\.(\d+)\.")
@@ -123,9 +155,8 @@ def detect_single_file(tf):
     levels = len(downs) + 1
     mult = tuple(s[UNET + f"input_blocks.{1 + i * (R + 1)}.0.out_layers.3.weight"][0] // mc for i in range(levels))
     attn = tuple(i for i in range(levels) if UNET + f"input_blocks.{1 + i * (R + 1)}.1.proj_in.weight" in s)
-    ctx = next(v[1] for k, v in s.items() if k.endswith("attn2.to_k.weight"))
-    linear = len(next(v for k, v in s.items() if k.endswith("proj_in.weight"))) == 2
-    sd2 = family == "SD 2.x"
+    ctx = first("attn2.to_k.weight")[1]
+    linear = len(first("proj_in.weight")) == 2
     unet = UNetConfig(in_channels=cin, out_channels=s[UNET + "out.2.weight"][0], model_channels=mc, channel_mult=mult,
                       num_res_blocks=R, attention_levels=attn, context_dim=ctx, use_linear_in_transformer=linear,
                       # v1-inference.yaml: num_heads 8; v2: num_head_channels 64. Upcasting is always safe.
@@ -149,7 +180,7 @@ def detect_single_file(tf):
                           num_layers=_level_count(s, r"cond_stage_model\.transformer\.text_model\.encoder\.layers\.(\d+)\."),
                           intermediate_size=s[t + "encoder.layers.0.mlp.fc1.weight"][0],
                           max_positions=s[t + "embeddings.position_embedding.weight"][0])
-    return family, unet, vae, text
+    return unet, vae, text
 
 
 def _harmless(key, text_cfg):
@@ -167,25 +198,29 @@ def _tokenizer(folder, pad_token=None):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
 
 
-def saved_configs(tf):
-    """The configs `save_single_file` stores in the metadata (what the keys cannot show), or None."""
-    if "sdlens" not in tf.metadata:
-        return None
-    tup = lambda d: {k: tuple(x) if isinstance(x, list) else x for k, x in d.items()}
-    try:
-        m = json.loads(tf.metadata["sdlens"])
-        return (UNetConfig(**tup(m["unet"])), VAEConfig(**tup(m["vae"])), TextConfig(**tup(m["text"])),
-                DDIMConfig(**m["scheduler"]), int(m["default_size"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"{tf.path}: its 'sdlens' metadata is unreadable ({_short(e)}); save the file again") from None
-
-
-def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=False):
+def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=False, config=None):
+    """A single file: configs from `config` (a diffusers folder or a JSON of sdlens configs), else
+    from the sdlens metadata `save_single_file` wrote, else the SD 1/2 preset its shapes select."""
     tf = TensorFile(path, allow_pickle)
-    family, ucfg, vcfg, tcfg = detect_single_file(tf)
-    saved = saved_configs(tf)
-    if saved is not None:
-        ucfg, vcfg, tcfg, sched, size = saved
+    family = single_file_family(tf)
+    sd2 = family == "SD 2.x"
+    if config is not None:
+        c = given_configs(config)
+    elif "sdlens" in tf.metadata:
+        try:
+            m = json.loads(tf.metadata["sdlens"])
+        except ValueError as e:
+            raise WeightsError(f"{path}: its 'sdlens' metadata is not JSON ({_short(e)}); save the file again") from None
+        c = metadata_configs(m, f"{path} (sdlens metadata)")
+    else:
+        _, ucfg, vcfg, tcfg = detect_single_file(tf)
+        if prediction_type is None and sd2:
+            print(f"sdlens: {os.path.basename(path)} is SD 2.x, assuming v-prediction (the 768-v models); "
+                  "pass prediction_type='epsilon' (--prediction-type epsilon) for the 512 base models")
+        c = dict(unet=ucfg, vae=vcfg, text=tcfg, scheduler=DDIMConfig(prediction_type="v_prediction" if sd2 else "epsilon"),
+                 default_size=768 if sd2 and prediction_type in (None, "v_prediction") else 512,
+                 tokenizer=None, pad_token=None)
+    ucfg, vcfg, tcfg = c["unet"], c["vae"], c["text"]
     groups = {"unet": {}, "vae": {}, "text": {}}
     for key, shape in tf.shapes.items():
         get = (lambda k: lambda: tf.get(k))(key)
@@ -206,35 +241,20 @@ def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=Fal
                 groups["text"][k] = (shape, get)
         elif not _harmless(key, tcfg):
             groups["unet"]["<unknown> " + key] = (shape, get)  # reported as unexpected
-    sd2 = family == "SD 2.x"
-    if saved is None:
-        if prediction_type is None and sd2:
-            print(f"sdlens: {os.path.basename(path)} is SD 2.x, assuming v-prediction (the 768-v models); "
-                  "pass prediction_type='epsilon' (--prediction-type epsilon) for the 512 base models")
-        sched = DDIMConfig(prediction_type="v_prediction" if sd2 else "epsilon")
-        size = 768 if sd2 and prediction_type in (None, "v_prediction") else 512
+    sched = c["scheduler"]
     if prediction_type is not None:
         sched = dataclasses.replace(sched, prediction_type=prediction_type)
+    # SD 2 pads with "!" (id 0), SD 1 with <|endoftext|>; a saved file records its own pad token.
+    pad = c["pad_token"] or ("!" if sd2 else None)
+    tokenizer = _tokenizer(c["tokenizer"]) if c["tokenizer"] else _tokenizer(TOKENIZER_DIR, pad)
     with torch.device("meta"):
         unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
-    where = f"{path} ({family} single file)"
+    where = f"{path} ({family} single file{f', configs from {config}' if config is not None else ''})"
     return dict(
         unet=fill(unet, groups["unet"], "SD UNet", where, dtype, device),
         vae=fill(vae, groups["vae"], "VAE", where, torch.float32, device),
         text_encoder=fill(text, groups["text"], "text encoder", where, dtype, device),
-        tokenizer=_tokenizer(TOKENIZER_DIR, "!" if sd2 else None),  # SD 2 pads with "!" (id 0)
-        scheduler=sched, default_size=size)
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: missing; a diffusers folder needs model_index.json and unet/, vae/, "
-                           "text_encoder/, tokenizer/, scheduler/") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: not valid JSON ({_short(e)})") from None
+        tokenizer=tokenizer, scheduler=sched, default_size=c["default_size"])
 
 
 def _weights_file(folder, stem, allow_pickle):
@@ -245,47 +265,10 @@ def _weights_file(folder, stem, allow_pickle):
     raise WeightsError(f"{folder}: no {stem}.safetensors in this folder")
 
 
-def configs_from_diffusers(uc, vc, tc):
-    """The three config.json dicts of a diffusers folder -> our configs."""
-    unsupported = [k for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim") if uc.get(k)]
-    tl = uc.get("transformer_layers_per_block", 1)
-    if unsupported or tl not in (1, [1] * len(uc["block_out_channels"])) or uc.get("only_cross_attention"):
-        raise WeightsError(f"unet/config.json uses {unsupported or 'transformer_layers_per_block != 1'}; "
-                           "this is not an SD 1.x/2.x UNet")
-    boc = uc["block_out_channels"]
-    heads = uc.get("num_attention_heads") or uc.get("attention_head_dim", 8)  # diffusers' misnomer: it means heads
-    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(boc)
-    unet = UNetConfig(in_channels=uc["in_channels"], out_channels=uc["out_channels"], model_channels=boc[0],
-                      channel_mult=tuple(c // boc[0] for c in boc), num_res_blocks=uc["layers_per_block"],
-                      attention_levels=tuple(i for i, t in enumerate(uc["down_block_types"]) if "CrossAttn" in t),
-                      num_heads=heads, context_dim=uc["cross_attention_dim"],
-                      use_linear_in_transformer=bool(uc.get("use_linear_projection")),
-                      upcast_attention=bool(uc.get("upcast_attention")), norm_groups=uc.get("norm_num_groups", 32))
-    vb = vc["block_out_channels"]
-    vae = VAEConfig(ch=vb[0], ch_mult=tuple(c // vb[0] for c in vb), num_res_blocks=vc["layers_per_block"],
-                    z_channels=vc["latent_channels"], in_channels=vc.get("in_channels", 3),
-                    scaling_factor=vc.get("scaling_factor", 0.18215), norm_groups=vc.get("norm_num_groups", 32))
-    text = TextConfig(vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], num_layers=tc["num_hidden_layers"],
-                      num_heads=tc["num_attention_heads"], intermediate_size=tc["intermediate_size"],
-                      max_positions=tc["max_position_embeddings"], act=tc.get("hidden_act", "quick_gelu"))
-    return unet, vae, text
-
-
 def load_folder(folder, dtype, device, prediction_type=None, allow_pickle=False):
-    _read_json(os.path.join(folder, "model_index.json"))
-    j = lambda sub, name="config.json": _read_json(os.path.join(folder, sub, name))
-    try:
-        ucfg, vcfg, tcfg = configs_from_diffusers(j("unet"), j("vae"), j("text_encoder"))
-    except (KeyError, TypeError, AssertionError) as e:
-        raise WeightsError(f"{folder}: a config.json lacks or mangles a field ({_short(e)})") from None
-    sc = j("scheduler", "scheduler_config.json")
-    if sc.get("timestep_spacing", "leading") != "leading":
-        warnings.warn(f"scheduler_config.json asks for {sc['timestep_spacing']!r} spacing; sdlens' DDIM uses 'leading'")
-    fields = {k: sc[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                                 "steps_offset", "set_alpha_to_one", "prediction_type") if k in sc}
-    if prediction_type:
-        fields["prediction_type"] = prediction_type
-    sched = DDIMConfig(**fields)
+    read_json(os.path.join(folder, "model_index.json"))
+    c = folder_configs(folder, prediction_type)
+    ucfg, vcfg, tcfg = c["unet"], c["vae"], c["text"]
     with torch.device("meta"):
         unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
     tensors = {}
@@ -312,15 +295,36 @@ def load_folder(folder, dtype, device, prediction_type=None, allow_pickle=False)
         unet=fill(unet, tensors["unet"], "SD UNet", where + "/unet", dtype, device),
         vae=fill(vae, tensors["vae"], "VAE", where + "/vae", torch.float32, device),
         text_encoder=fill(text, tensors["text_encoder"], "text encoder", where + "/text_encoder", dtype, device),
-        tokenizer=_tokenizer(os.path.join(folder, "tokenizer")),
-        scheduler=sched,
-        default_size=j("unet").get("sample_size", 64) * 2 ** (len(vcfg.ch_mult) - 1))
+        tokenizer=_tokenizer(c["tokenizer"]), scheduler=c["scheduler"], default_size=c["default_size"])
 
 
-def load_components(source=None, *, device="cpu", dtype=torch.float32, prediction_type=None, allow_pickle=False):
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_dtype_device(dtype, device):
+    """`dtype` as a torch dtype or its name, `device` one this machine can use; else an error naming it."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, not {type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type ({', '.join(DTYPES)}), not {dtype}")
+    try:
+        torch.empty(0, device=device)  # "bogus", "cuda" without CUDA, "cuda:7" on a 1-GPU machine
+    except Exception as e:
+        why = f" ({_short(e)})" if len(_short(e)) < 100 else ""
+        raise ValueError(f"device {device!r} is not usable here{why}; use e.g. 'cpu', 'cuda' or 'cuda:0'") from None
+    return dtype, torch.device(device)
+
+
+def load_components(source=None, *, device="cpu", dtype=torch.float32, prediction_type=None, allow_pickle=False,
+                    config=None):
     """Dispatch on the source: None (bundled sdlens-tiny), a folder, or a single file."""
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise WeightsError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
+    dtype, device = check_dtype_device(dtype, device)
     if source is None:
         if not os.path.isfile(os.path.join(TINY_DIR, "model_index.json")):
             raise WeightsError("the bundled sdlens-tiny model is not in this install (weights/sdlens-tiny); "
@@ -328,7 +332,9 @@ def load_components(source=None, *, device="cpu", dtype=torch.float32, predictio
         source = TINY_DIR
     source = os.fspath(source)
     if os.path.isdir(source):
+        if config is not None:
+            raise WeightsError(f"{source}: config= is for single files; a diffusers folder carries its own configs")
         return load_folder(source, dtype, device, prediction_type, allow_pickle)
     if not os.path.exists(source):
         raise WeightsError(f"{source}: no such file or folder")
-    return load_single_file(source, dtype, device, prediction_type, allow_pickle)
+    return load_single_file(source, dtype, device, prediction_type, allow_pickle, config)

@@ -85,7 +85,7 @@ def save_single_file(sd, path, dtype=torch.float16):
     """Write `sd` as one LDM-layout safetensors file (SD 1 text layout); refuses to overwrite.
 
     The keys show the shapes but not head counts, group-norm groups, the activation, the latent
-    scale or the scheduler (LDM keeps those in its yaml), so the configs go into the file's
+    scale, the pad token or the scheduler (LDM keeps those in its yaml), so the configs go into the file's
     metadata and `load` uses them: a non-standard model such as sdlens-tiny loads back exactly.
     Files without this metadata (every public checkpoint) get the SD 1/2 presets.
     """
@@ -95,8 +95,10 @@ def save_single_file(sd, path, dtype=torch.float16):
     state = to_single_file({unet_to_diffusers(k, u): t for k, t in sd.unet.state_dict().items()},
                            {vae_to_diffusers(k, v): t for k, t in sd.vae.state_dict().items()},
                            sd.text_encoder.state_dict(), u, v)
+    # The format `load(path, config="x.json")` also reads (weights/config.py `metadata_configs`). The
+    # pad token too: SD 2 pads with "!" (id 0), and the SD 1 text layout written here cannot show it.
     configs = {"unet": asdict(u), "vae": asdict(v), "text": asdict(sd.text_encoder.cfg),
-               "scheduler": asdict(sd.scheduler), "default_size": sd.default_size}
+               "scheduler": asdict(sd.scheduler), "default_size": sd.default_size, "pad_token": sd.tokenizer.pad_token}
     meta = {"sdlens": json.dumps(configs)}
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".saving-", suffix=".safetensors")
     os.close(fd)
