@@ -139,15 +139,17 @@ def self_attention_components(maps: torch.Tensor, k=6, cell=96) -> Image.Image:
     _, _, vh = torch.linalg.svd(a, full_matrices=False)
     k = min(k, vh.shape[0])
     fnt = font(14)
-    grid = Image.new("RGB", ((cell + 4) * k, cell + 22), "white")
+    grid = Image.new("RGB", ((cell + 4) * k, 22 + cell + 22), "white")
     d = ImageDraw.Draw(grid)
+    d.text((2, 2), f"self-attention SVD components, {h}x{w} maps (each scaled to its range)", fill="black", font=fnt)
     for i in range(k):
         v = vh[i].reshape(h, w)
         v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
         img = Image.fromarray(colorize(v.numpy())).resize((cell, cell), Image.NEAREST)
-        grid.paste(img, (i * (cell + 4), 0))
-        text = f"component {i + 1} ({h}x{w})"
-        d.text((i * (cell + 4) + 2, cell + 3), text, fill="black", font=font(12))
+        x = i * (cell + 4)
+        grid.paste(img, (x, 22))
+        text = f"#{i + 1}"
+        d.text((x + (cell - d.textlength(text, font=fnt)) / 2, 22 + cell + 3), text, fill="black", font=fnt)
     return grid
 
 

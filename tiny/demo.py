@@ -1,7 +1,8 @@
 """`python -m sdlens demo`: a small gallery from the bundled sdlens-tiny model, in seconds on a CPU.
 
-Writes each image, and a captioned grid upscaled for viewing, into a new folder (never into an
-existing one), all of them or, if anything fails, none. The editing methods add their panels here.
+Writes each image, captioned grids upscaled for viewing, and an index.html that says for each panel
+what made it and what to look for, into a new folder (never into an existing one), all of them or,
+if anything fails, none. The editing methods add their panels here.
 """
 import os
 import time
@@ -30,14 +31,14 @@ def captioned_grid(images, captions, cols=4, scale=3):
     from ..editing.visualize import font, wrap
     fnt = font(14)
     w, h = images[0].size
-    cw, ch = w * scale + 8, h * scale + 42
+    cw, ch = w * scale + 8, h * scale + 60
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (cols * cw, rows * ch), "white")
     d = ImageDraw.Draw(grid)
     for i, (im, cap) in enumerate(zip(images, captions)):
         x, y = (i % cols) * cw, (i // cols) * ch
         grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (x, y))
-        d.multiline_text((x + 2, y + h * scale + 3), "\n".join(wrap(d, cap, cw - 6, fnt)), fill="black", font=fnt,
+        d.multiline_text((x + 2, y + h * scale + 3), "\n".join(wrap(d, cap, cw - 6, fnt, lines=3)), fill="black", font=fnt,
                          spacing=2)
     return grid
 
@@ -54,7 +55,8 @@ def page(panels, seed, steps, guidance):
     from html import escape
     parts = []
     for p in panels:
-        imgs = "".join(f'<figure{" class=small" if p.get("small") else ""}><img src="{escape(f)}" alt="{escape(c)}"><figcaption>{escape(c)}</figcaption></figure>'
+        cls = " class=small" if p.get("small") else ""
+        imgs = "".join(f'<figure{cls}><img src="{escape(f)}" alt="{escape(c)}"><figcaption>{escape(c)}</figcaption></figure>'
                        for f, c in p["images"])
         parts.append(f"<section><h2>{escape(p['title'])}</h2><p class=meta><b>Method:</b> {escape(p['method'])}<br>"
                      f"<b>Prompt:</b> {escape(p['prompt'])}<br><b>Settings:</b> {escape(p['settings'])}</p>"
@@ -148,8 +150,9 @@ def _run(sd, save, seed, steps, guidance):
     panels.append(dict(title="Self-attention components", method=p2p + "; SVD of the source's self-attention "
                        "(official show_self_attention_comp)", prompt=swap["src"],
                        settings=cfg + f"; {swap['side']}x{swap['side']} maps, top 6 components, each scaled to its range",
-                       look="each component is a region the image attends within: the circle against the background "
-                            "first, finer splits after.", images=[("p2p_self_attention.png", "components 1-6")]))
+                       look="the circle's outline stands out in the first components (the map's regions that attend "
+                            "alike); on this small model the later ones are mostly noise.",
+                       images=[("p2p_self_attention.png", "components 1-6")]))
 
     # Plug-and-Play on a rendered ("real") scene, and the shared-basis PCA of its decoder features
     scenes = [scene_from(s, c, "big", p, "gray", "plain", seed=i) for i, (s, c, p) in
@@ -182,8 +185,8 @@ def _run(sd, save, seed, steps, guidance):
                        settings=f"inversion latent z_{k} of {steps}, timestep {t}; rows: the scenes, then "
                        f"{info(full).module} ({feats[full][0].shape[-1]}x{feats[full][0].shape[-1]}), then "
                        "output_blocks.4.0 (PnP's injection layer, 8x8 on this model), scaled up without smoothing",
-                       look="the same colour marks the same kind of region in all four scenes: the shape in one, the "
-                            "background in another, whatever the shape's colour.",
+                       look="the background takes one colour in all four scenes (one shared basis) and each shape "
+                            "stands out from it at its place, sharper at 16x16 than at 8x8.",
                        images=[("features_pca.png", "scenes, then their features")]))
     save(page(panels, seed, steps, guidance), "index.html")
     return time.time() - t0
