@@ -303,7 +303,7 @@ def cmd_demo(args):
     preflight(args, ())
     sd = load_model(args)
     seconds = demo.run(sd, args.out, seed=args.seed, steps=args.steps)
-    print(f"sdlens demo: {len(demo.PROMPTS)} images in {seconds:.1f} s")
+    print(demo.summary(args.out, seconds))
     print(os.path.abspath(args.out))
 
 

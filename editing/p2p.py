@@ -35,6 +35,7 @@ from ..hooks import StepContext
 from ..schedulers import classifier_free_guidance, sample
 from .attention_store import AttentionStore
 from .inversion import Inversion
+from .visualize import SavesImages
 from .words import refine_mapper, replace_mapper, token_ids, word_positions
 
 MODES = ("replace", "refine", "reweight")
@@ -143,11 +144,15 @@ class LocalBlend:
 
 
 @dataclass
-class EditResult:
+class EditResult(SavesImages):
+    """`.pil()`: the images as PIL; `.save(folder)`: source.png, target_1.png, ... (all or none)."""
     images: torch.Tensor  # [n, 3, H, W] in [0,1]: the source first, then the targets
     latents: torch.Tensor  # [n, C, h, w] final latents
     store: AttentionStore  # attention of the conditional rows after the edit, averaged over steps
     mask: Optional[torch.Tensor] = None  # the last local-blend mask [n-1, 1, h, w], if any
+
+    def image_names(self, n):
+        return ["source.png"] + [f"target_{i}.png" for i in range(1, n)]
 
 
 class PromptToPrompt:

@@ -43,6 +43,7 @@ import torch
 
 from ..hooks import StepContext
 from ..schedulers import classifier_free_guidance, invert, sample, timesteps
+from .visualize import SavesImages
 
 FEATURE_LAYERS = ("output_blocks.4.0",)
 # The official list for SD (pnp-diffusers: decoder layers 4-11). `decoder_self_attention` is the
@@ -86,10 +87,14 @@ def negative_uncond(eps_empty, eps_negative, alpha):
 
 
 @dataclass
-class PnPResult:
+class PnPResult(SavesImages):
+    """`.pil()`: the translation as PIL; `.save(folder)`: pnp.png (all or none)."""
     images: torch.Tensor  # [1, 3, H, W] in [0,1]
     latents: torch.Tensor
     guidance_latents: list  # the guidance image's inverted z_0, z_{t_1}, ..., z_{t_N} at the sampling timesteps
+
+    def image_names(self, n):
+        return ["pnp.png"] if n == 1 else [f"pnp_{i:02d}.png" for i in range(n)]
 
 
 def schedule_timesteps(sd, n, name):

@@ -1,7 +1,8 @@
 """`python -m sdlens demo`: a small gallery from the bundled sdlens-tiny model, in seconds on a CPU.
 
-Writes each image, and a captioned grid upscaled for viewing, into a new folder (never into an
-existing one), all of them or, if anything fails, none. The editing methods add their panels here.
+Writes each image, captioned grids upscaled for viewing, and an index.html that says for each panel
+what made it and what to look for, into a new folder (never into an existing one), all of them or,
+if anything fails, none. The editing methods add their panels here.
 """
 import os
 import time
@@ -26,21 +27,58 @@ def free_folder(base):
 
 
 def captioned_grid(images, captions, cols=4, scale=3):
+    """Images scaled up `scale` times (nearest: one block = one pixel), each with a caption in a TTF font."""
+    from ..editing.visualize import font, wrap
+    fnt = font(14)
     w, h = images[0].size
-    cw, ch = w * scale, h * scale + 28
+    cw, ch = w * scale + 8, h * scale + 60
     rows = (len(images) + cols - 1) // cols
     grid = Image.new("RGB", (cols * cw, rows * ch), "white")
     d = ImageDraw.Draw(grid)
     for i, (im, cap) in enumerate(zip(images, captions)):
         x, y = (i % cols) * cw, (i // cols) * ch
         grid.paste(im.resize((w * scale, h * scale), Image.NEAREST), (x, y))
-        words, lines = cap.split(), [""]
-        for word in words:  # wrap to the cell width (about 6 px per character)
-            if len(lines[-1]) + len(word) + 1 > cw // 6:
-                lines.append("")
-            lines[-1] = (lines[-1] + " " + word).strip()
-        d.multiline_text((x + 2, y + h * scale + 1), "\n".join(lines[:2]), fill="black", spacing=1)
+        d.multiline_text((x + 2, y + h * scale + 3), "\n".join(wrap(d, cap, cw - 6, fnt, lines=3)), fill="black", font=fnt,
+                         spacing=2)
     return grid
+
+
+class Page(str):
+    """The gallery's HTML, written by `Staged.save` like an image (it calls `.save(file, format=...)`)."""
+
+    def save(self, f, format=None):
+        f.write(self.encode("utf-8"))
+
+
+def page(panels, seed, steps, guidance):
+    """index.html: one section per panel: its method, prompt, settings, and what to look for."""
+    from html import escape
+    parts = []
+    for p in panels:
+        cls = " class=small" if p.get("small") else ""
+        imgs = "".join(f'<figure{cls}><img src="{escape(f)}" alt="{escape(c)}"><figcaption>{escape(c)}</figcaption></figure>'
+                       for f, c in p["images"])
+        parts.append(f"<section><h2>{escape(p['title'])}</h2><p class=meta><b>Method:</b> {escape(p['method'])}<br>"
+                     f"<b>Prompt:</b> {escape(p['prompt'])}<br><b>Settings:</b> {escape(p['settings'])}</p>"
+                     f"<p class=look><b>Look for:</b> {escape(p['look'])}</p><div class=row>{imgs}</div></section>")
+    return Page(f"""<!doctype html><html><head><meta charset="utf-8"><title>sdlens demo</title><style>
+body {{ font: 16px/1.45 sans-serif; max-width: 1150px; margin: 1em auto; padding: 0 1em; color: #222 }}
+section {{ border-top: 1px solid #ccc; padding: .4em 0 1em }} .meta {{ color: #555 }}
+.look {{ background: #f4f1e8; padding: .4em .6em }} .row {{ display: flex; flex-wrap: wrap; gap: 12px }}
+figure {{ margin: 0 }} img {{ image-rendering: pixelated; max-width: 100% }} .small img {{ width: 192px }}
+figcaption {{ font-size: 14px; max-width: 360px }}</style></head><body>
+<h1>sdlens demo</h1><p>Made by <code>python -m sdlens demo</code> with the bundled sdlens-tiny model
+(64x64 images, trained on rendered scenes): seed {seed}, {steps} DDIM steps, guidance {guidance}
+unless a panel says otherwise. Images are scaled up without smoothing, so each block is one pixel.</p>
+{"".join(parts)}</body></html>""")
+
+
+def summary(folder, seconds):
+    """The command's last line but one: what it wrote, counted from the (new) folder."""
+    names = os.listdir(folder)
+    pngs = sum(n.endswith(".png") for n in names)
+    other = ", ".join(sorted(n for n in names if not n.endswith(".png")))
+    return f"sdlens demo: wrote {len(names)} files ({pngs} PNG{', ' + other if other else ''}) in {seconds:.0f} s"
 
 
 # (source, target, mode, re-weighting): the Prompt-to-Prompt panels
@@ -62,28 +100,59 @@ def _run(sd, save, seed, steps, guidance):
     import random
 
     from ..editing import PromptToPrompt
+    from ..editing.attention_maps import word_maps
     from ..editing.features import collect, pca_rgb
     from ..editing.pnp import inversion_latents, translate
-    from ..editing.visualize import cross_attention_grid, token_labels
+    from ..editing.visualize import attention_grid, self_attention_components
     from ..pipeline import to_pil
     from .scenes import render, scene_from
     t0 = time.time()
+    cfg = f"seed {seed}, {steps} steps, guidance {guidance}"
+    panels = []
     images = sd.generate(PROMPTS, steps=steps, guidance_scale=guidance, seed=seed, progress=False)
     for i, im in enumerate(images):
         save(im, f"generate_{i:02d}.png")
     save(captioned_grid(images, PROMPTS), "generate_grid.png")
+    panels.append(dict(title="Text to image", method="sd.generate (DDIM, classifier-free guidance)",
+                       prompt="one per image, below it", settings=cfg + f"; all {len(PROMPTS)} in one grid: generate_grid.png",
+                       look="each image should show its prompt's colour, shape and place; stars are this model's "
+                            "weak shape (the VAE blurs small ones into blobs).",
+                       images=[(f"generate_{i:02d}.png", p) for i, p in enumerate(PROMPTS)], small=True))
 
-    panels, caps = [], []
+    pairs, caps = [], []
     for src, tgt, mode, eq in EDITS:
         res = PromptToPrompt(sd, src, [tgt], mode=mode, equalize=eq, steps=steps).run(guidance_scale=guidance, seed=seed)
-        a, b = to_pil(res.images)
-        panels += [a, b]
+        a, b = res.pil()
+        pairs += [a, b]
         caps += [src, f"{mode}: {tgt}" if not eq else f"reweight {eq}"]
-        if mode == "replace" and not panels[:-2]:
-            maps = res.store.aggregate(res.store.largest())
-            save(cross_attention_grid(res.images[0], maps[0], token_labels(sd.tokenizer, src)), "p2p_attention_source.png")
-            save(cross_attention_grid(res.images[1], maps[1], token_labels(sd.tokenizer, tgt)), "p2p_attention_edit.png")
-    save(captioned_grid(panels, caps, cols=2), "p2p_grid.png")
+        if len(pairs) == 2:  # the word swap: its per-word attention, and the source's self-attention
+            # 8x8: sdlens-tiny's 16x16 layers attend almost uniformly (README, Editing: attention maps)
+            side = res.store.largest(limit=8)
+            maps = res.store.aggregate(side)
+            for row, (prompt, name) in enumerate([(src, "p2p_attention_source.png"), (tgt, "p2p_attention_edit.png")]):
+                save(attention_grid(word_maps(maps[row], sd.tokenizer, prompt), image=res.images[row], title=prompt), name)
+            side = res.store.largest()
+            save(self_attention_components(res.store.aggregate(side, kind="self_attention")[0]), "p2p_self_attention.png")
+            swap = dict(src=src, tgt=tgt, side=side)
+    save(captioned_grid(pairs, caps, cols=2), "p2p_grid.png")
+    p2p = "PromptToPrompt (Hertz et al. 2023): source and edit sampled together from one noise"
+    panels.append(dict(title="Prompt-to-Prompt edits", method=p2p, prompt="left: source; right: the edit",
+                       settings=cfg + "; cross_replace_steps 0.8, self_replace_steps 0.4",
+                       look="each pair keeps its layout and changes only what the edit names: the circle turns blue, "
+                            "the star becomes a square, the background turns black, and re-weighting 'yellow' by -2 "
+                            "takes the yellow out of the circle.", images=[("p2p_grid.png", "source | edit, per row")]))
+    panels.append(dict(title="Where each word attends (word swap)", method=p2p + "; cross-attention per word",
+                       prompt=f"{swap['src']} -> {swap['tgt']}", settings=cfg + "; 8x8 maps averaged over steps, heads and "
+                       "layers, each tile divided by its own maximum (official show_cross_attention), over the image in grey",
+                       look="'red' and 'circle' are bright on the circle and dark elsewhere; in the edit 'blue' is bright "
+                            "where 'red' was, because the edit copied the source's maps. Words like 'a' spread out.",
+                       images=[("p2p_attention_source.png", "source"), ("p2p_attention_edit.png", "edit")]))
+    panels.append(dict(title="Self-attention components", method=p2p + "; SVD of the source's self-attention "
+                       "(official show_self_attention_comp)", prompt=swap["src"],
+                       settings=cfg + f"; {swap['side']}x{swap['side']} maps, top 6 components, each scaled to its range",
+                       look="the circle's outline stands out in the first components (the map's regions that attend "
+                            "alike); on this small model the later ones are mostly noise.",
+                       images=[("p2p_self_attention.png", "components 1-6")]))
 
     # Plug-and-Play on a rendered ("real") scene, and the shared-basis PCA of its decoder features
     scenes = [scene_from(s, c, "big", p, "gray", "plain", seed=i) for i, (s, c, p) in
@@ -91,14 +160,35 @@ def _run(sd, save, seed, steps, guidance):
                          ("triangle", "orange", "center")])]
     reals = [render(sc, random.Random(i)) for i, sc in enumerate(scenes)]
     zs = inversion_latents(sd, reals[0], steps=steps)
-    pnp = translate(sd, None, "a big blue star on the left", latents=zs, steps=steps, guidance_scale=guidance)
-    save(captioned_grid([reals[0], to_pil(pnp.images)[0]], [scenes[0].caption, "pnp: a big blue star on the left"], cols=2),
-         "pnp_grid.png")
+    target = "a big blue star on the left"
+    pnp = translate(sd, None, target, latents=zs, steps=steps, guidance_scale=guidance)
+    save(captioned_grid([reals[0], pnp.pil()[0]], [scenes[0].caption, f"pnp: {target}"], cols=2), "pnp_grid.png")
+    panels.append(dict(title="Plug-and-Play translation", method="translate (Tumanyan et al. 2023) of a rendered scene",
+                       prompt=target, settings=f"{steps}-step DDIM inversion, {cfg}; features injected for 0.8 of the "
+                       "steps, self-attention for 0.5", look="the star keeps the rendered scene's place and outline while "
+                       "its colour follows the prompt.", images=[("pnp_grid.png", "guidance image | translation")]))
+
     k = steps // 2
     t = zs_timestep(sd, steps, k)
-    feats = collect(sd, [inversion_latents(sd, im, steps=steps)[k] for im in reals], t, ["output_blocks.4.0.hook_out"])
-    pcs = [to_pil(rgb[None])[0].resize(reals[0].size, 0) for rgb in pca_rgb(feats["output_blocks.4.0.hook_out"])]
-    save(captioned_grid(reals + pcs, [sc.caption for sc in scenes] + ["PCA output_blocks.4"] * 4), "features_pca.png")
+    info = sd.unet.hook_info
+    full = [n for n in sd.unet.hook_names(place="up", kind="resblock", point="out") if info(n).level == 0][0]
+    layers = [full, "output_blocks.4.0.hook_out"]  # a full-resolution layer, and PnP's injection layer
+    feats = collect(sd, [inversion_latents(sd, im, steps=steps)[k] for im in reals], t, layers)
+    tiles, caps = list(reals), [sc.caption for sc in scenes]
+    for n in layers:
+        h, w = feats[n][0].shape[-2:]
+        tiles += [to_pil(rgb[None])[0].resize(reals[0].size, Image.NEAREST) for rgb in pca_rgb(feats[n])]
+        caps += [f"PCA {info(n).module} ({h}x{w})"] * len(reals)
+    save(captioned_grid(tiles, caps), "features_pca.png")
+    panels.append(dict(title="Decoder features, PCA", method="features.collect + pca_rgb: the top 3 principal components "
+                       "as RGB, on one basis shared by the four images", prompt='"" (the inverted latents of the scenes)',
+                       settings=f"inversion latent z_{k} of {steps}, timestep {t}; rows: the scenes, then "
+                       f"{info(full).module} ({feats[full][0].shape[-1]}x{feats[full][0].shape[-1]}), then "
+                       "output_blocks.4.0 (PnP's injection layer, 8x8 on this model), scaled up without smoothing",
+                       look="the background takes one colour in all four scenes (one shared basis) and each shape "
+                            "stands out from it at its place, sharper at 16x16 than at 8x8.",
+                       images=[("features_pca.png", "scenes, then their features")]))
+    save(page(panels, seed, steps, guidance), "index.html")
     return time.time() - t0
 
 

@@ -1,0 +1,78 @@
+"""Per-word cross-attention in one call: `attention_maps(sd, prompt, seed=0) -> {word: [res, res]}`.
+
+Built on `AttentionStore` (the public hook API): while the prompt is sampled it records the
+conditional rows' cross-attention probabilities, and the maps are averaged over steps, heads and
+every layer whose map is res x res (the official `aggregate_attention`, which the notebooks show
+at 16 x 16 for SD at 512 x 512).
+"""
+from typing import Dict
+
+import torch
+
+from .attention_store import AttentionStore
+from .words import word_tokens
+
+PUNCTUATION = ".,!?;:"
+
+
+class WordMaps(dict):
+    """{word: [res, res] map} in prompt order, plus the sampled `image` (PIL) and the `prompt`."""
+    image = None
+    prompt = ""
+
+
+def word_columns(tokenizer, prompt: str, length=77) -> Dict[str, list]:
+    """{word: its token positions}: a word is matched ignoring case and surrounding punctuation (as
+    `words.word_positions`), so a repeated word gathers the tokens of all its occurrences, and a
+    punctuation token is left out of a word that has others."""
+    groups: Dict[str, list] = {}
+    ids = tokenizer(prompt).input_ids
+    for word, span in zip(prompt.split(), word_tokens(tokenizer, prompt)):
+        # "circle." is two tokens; the map of "circle" leaves out the period's own column
+        span = [p for p in span if p >= len(ids) or tokenizer.decode([ids[p]]).strip(PUNCTUATION)] or span
+        key = word.strip(PUNCTUATION) or word
+        key = next((k for k in groups if k.lower() == key.lower()), key)
+        if max(span) >= length - 1:  # the last position is <|endoftext|> after truncation
+            raise ValueError(f"prompt: the word {word!r} is past token {length - 1}, where the text encoder "
+                             "truncates the prompt; shorten the prompt")
+        groups.setdefault(key, []).extend(span)
+    return groups
+
+
+def word_maps(maps: torch.Tensor, tokenizer, prompt: str) -> WordMaps:
+    """[h, w, 77] token maps of one prompt (e.g. `AttentionStore.aggregate(...)[row]`) -> {word: [h, w]},
+    the mean over each word's tokens."""
+    out = WordMaps((word, maps[..., cols].float().mean(-1).cpu()) for word, cols in word_columns(tokenizer, prompt).items())
+    out.prompt = prompt
+    return out
+
+
+@torch.no_grad()
+def attention_maps(sd, prompt: str, seed=None, res=16, steps=50, guidance_scale=7.5, height=None,
+                   width=None) -> WordMaps:
+    """Sample `prompt` and return {word: [res, res] float map}: the cross-attention probability that
+    each latent position gives the word, averaged over sampling steps, heads and the layers of that
+    resolution, conditional rows only. A word of several tokens gets the *mean* of its tokens'
+    maps (a sum would differ by a constant factor per word; the mean keeps every map a probability
+    in [0, 1], comparable across words). The result also has `.image` and `.prompt`.
+
+    On sdlens-tiny (16 x 16 latents) use res=8: its 16 x 16 layers attend almost uniformly."""
+    if not isinstance(prompt, str) or not prompt.split():
+        raise ValueError(f"prompt must be a non-empty string, not {prompt!r}")
+    if isinstance(res, bool) or not isinstance(res, int):
+        raise TypeError(f"res must be an int (the side of the maps), not {res!r}")
+    word_columns(sd.tokenizer, prompt)  # a truncated prompt fails before sampling
+    height, width = sd.check_size(height, width)
+    hw = (height // sd.latent_factor, width // sd.latent_factor)
+    store = AttentionStore(sd.unet, hw, max_size=res, self_attn=False)
+    if (res, res) not in store.sizes.values():
+        sides = sorted({h for h, w in AttentionStore(sd.unet, hw, max_size=10 ** 6, self_attn=False).sizes.values()
+                        if h == w})
+        raise ValueError(f"res={res}: this model has no {res}x{res} cross-attention at {height}x{width}; "
+                         f"use one of {sides}")
+    with sd.unet.hooks(store.hooks()):
+        image = sd.generate(prompt, steps=steps, guidance_scale=guidance_scale, seed=seed, height=height,
+                            width=width, progress=False)[0]
+    out = word_maps(store.aggregate(res)[0], sd.tokenizer, prompt)
+    out.image = image
+    return out
