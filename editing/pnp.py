@@ -100,9 +100,13 @@ class PnPResult(SavesImages):
 def schedule_timesteps(sd, n, name):
     """The sampling timesteps of an n-step schedule; ValueError naming `name` if n is not a usable count."""
     T = sd.scheduler.num_train_timesteps
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T or max(timesteps(sd.scheduler, n)) >= T:
-        raise ValueError(f"{name} must be a whole number of steps from 1 to {T - sd.scheduler.steps_offset}, got {n!r}")
-    return timesteps(sd.scheduler, n)
+    try:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ValueError
+        return timesteps(sd.scheduler, n)  # checks the range
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of steps from 1 to {T - sd.scheduler.steps_offset}, "
+                         f"got {n!r}") from None
 
 
 def check_inversion_steps(sd, steps, inversion_steps, name="inversion_steps"):

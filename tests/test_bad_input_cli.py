@@ -231,7 +231,7 @@ def test_failed_command_writes_nothing(sd1_fixture, tmp_path, capsys, monkeypatc
     import sdlens.pipeline
     img = picture(tmp_path / "in.png")
     argv = {"p2p": ["p2p", "--prompt", "a red cat", "--target", "a blue cat"],
-            "pnp": ["pnp", "--image", img, "--prompt", "a cat"]}[command]
+            "pnp": ["pnp", "--image", img, "--prompt", "a cat", "--inversion-steps", "2"]}[command]
     argv += ["--model", sd1_fixture["folder"], "--steps", "2"]
     real_to_pil = sdlens.pipeline.to_pil  # p2p fails at the fifth of five files, pnp at the second of two
     monkeypatch.setattr(sdlens.editing.visualize, "self_attention_components", raiser(exc))

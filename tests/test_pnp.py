@@ -157,9 +157,9 @@ def test_cli_rejects_bad_pnp_arguments(sd1_fixture, tmp_path):
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
     base = ["pnp", "--model", sd1_fixture["folder"], "--image", str(image), "--prompt", "a cat", "--steps", "2"]
-    for extra, name in ((["--feature-injection", "2"], "feature_injection"),
+    for extra, name in ((["--feature-injection", "2"], "--feature-injection"),  # refused by the parser
                         (["--inversion-steps", "1"], "inversion_steps")):
-        out = tmp_path / name
+        out = tmp_path / name.strip("-")
         r = subprocess.run([sys.executable, "-m", "sdlens", *base, *extra, "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and name in r.stderr, r.stderr

@@ -145,7 +145,7 @@ def jobs(sd, image):
         else:
             inv = invert_image(sd, image, PROMPT, m, steps=STEPS)
         out[f"p2p+{m}"] = PromptToPrompt(sd, PROMPT, [TARGET], steps=STEPS).run(inversion=inv).images
-    out["pnp"] = translate(sd, image, "a big blue star on the left", steps=STEPS).images
+    out["pnp"] = translate(sd, image, "a big blue star on the left", steps=STEPS, inversion_steps=STEPS).images
     return out
 
 
