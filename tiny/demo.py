@@ -106,9 +106,11 @@ def _run(sd, save, seed, steps, guidance):
     from ..editing.visualize import attention_grid, self_attention_components
     from ..pipeline import to_pil
     from .scenes import render, scene_from
+    from tqdm.auto import tqdm
     t0 = time.time()
     cfg = f"seed {seed}, {steps} steps, guidance {guidance}"
     panels = []
+    bar = tqdm(total=4, desc="sdlens demo (generate, P2P, PnP, PCA)", leave=False)  # one bar for the whole gallery
     images = sd.generate(PROMPTS, steps=steps, guidance_scale=guidance, seed=seed, progress=False)
     for i, im in enumerate(images):
         save(im, f"generate_{i:02d}.png")
@@ -119,9 +121,11 @@ def _run(sd, save, seed, steps, guidance):
                             "weak shape (the VAE blurs small ones into blobs).",
                        images=[(f"generate_{i:02d}.png", p) for i, p in enumerate(PROMPTS)], small=True))
 
+    bar.update()
     pairs, caps = [], []
     for src, tgt, mode, eq in EDITS:
-        res = PromptToPrompt(sd, src, [tgt], mode=mode, equalize=eq, steps=steps).run(guidance_scale=guidance, seed=seed)
+        editor = PromptToPrompt(sd, src, [tgt], mode=mode, equalize=eq, steps=steps)
+        res = editor.run(guidance_scale=guidance, seed=seed, progress=False)
         a, b = res.pil()
         pairs += [a, b]
         caps += [src, f"{mode}: {tgt}" if not eq else f"reweight {eq}"]
@@ -154,6 +158,7 @@ def _run(sd, save, seed, steps, guidance):
                             "alike); on this small model the later ones are mostly noise.",
                        images=[("p2p_self_attention.png", "components 1-6")]))
 
+    bar.update()
     # Plug-and-Play on a rendered ("real") scene, and the shared-basis PCA of its decoder features
     scenes = [scene_from(s, c, "big", p, "gray", "plain", seed=i) for i, (s, c, p) in
               enumerate([("star", "red", "left"), ("circle", "blue", "right"), ("square", "green", "top"),
@@ -161,13 +166,14 @@ def _run(sd, save, seed, steps, guidance):
     reals = [render(sc, random.Random(i)) for i, sc in enumerate(scenes)]
     zs = inversion_latents(sd, reals[0], steps=steps)
     target = "a big blue star on the left"
-    pnp = translate(sd, None, target, latents=zs, steps=steps, guidance_scale=guidance)
+    pnp = translate(sd, None, target, latents=zs, steps=steps, guidance_scale=guidance, progress=False)
     save(captioned_grid([reals[0], pnp.pil()[0]], [scenes[0].caption, f"pnp: {target}"], cols=2), "pnp_grid.png")
     panels.append(dict(title="Plug-and-Play translation", method="translate (Tumanyan et al. 2023) of a rendered scene",
                        prompt=target, settings=f"{steps}-step DDIM inversion, {cfg}; features injected for 0.8 of the "
                        "steps, self-attention for 0.5", look="the star keeps the rendered scene's place and outline while "
                        "its colour follows the prompt.", images=[("pnp_grid.png", "guidance image | translation")]))
 
+    bar.update()
     k = steps // 2
     t = zs_timestep(sd, steps, k)
     info = sd.unet.hook_info
@@ -188,6 +194,8 @@ def _run(sd, save, seed, steps, guidance):
                        look="the background takes one colour in all four scenes (one shared basis) and each shape "
                             "stands out from it at its place, sharper at 16x16 than at 8x8.",
                        images=[("features_pca.png", "scenes, then their features")]))
+    bar.update()
+    bar.close()
     save(page(panels, seed, steps, guidance), "index.html")
     return time.time() - t0
 
