@@ -5,87 +5,13 @@ Every expected failure (bad argument, bad file, existing output, Ctrl-C) prints 
 its files or none (`outputs.py`).
 """
 import argparse
-import math
 import os
 import sys
 
-from .outputs import Staged, check_target, save_image_atomic
-
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every default that says something (not None, not an unset flag)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):  # subparsers are made with this class too, so all get Help
-        kwargs.setdefault("formatter_class", Help)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):  # argparse prints the usage too: keep to one line
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def finite(text):
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(x):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return x
-
-
-def fraction(text):
-    x = finite(text)
-    if not 0 <= x <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a fraction between 0 and 1")
-    return x
-
-
-def positive(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
-    return n
-
-
-def seed(text):
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= n < 2 ** 63:  # torch.Generator.manual_seed takes a 64-bit integer
-        raise argparse.ArgumentTypeError(f"{text} is outside 0 .. 2**63-1")
-    return n
-
-
-def add_model_args(p):
-    p.add_argument("--model", default=None, help="single-file .safetensors or diffusers folder (default: bundled sdlens-tiny)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="float32", choices=DTYPES, help="of the UNet and text encoder (the VAE is float32)")
-    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                   help="override for SD 2 single files, which do not record it")
-    p.add_argument("--allow-pickle", action="store_true", help="load a trusted .ckpt/.pt (weights_only)")
-
-
-def add_sampling_args(p, out_help, seed_arg=True):
-    """The options every sampling command shares (official P2P/PnP defaults: 50 steps, w = 7.5)."""
-    p.add_argument("--steps", type=positive, default=50, help="DDIM steps, 1 to 999")
-    p.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale w (1: none)")
-    if seed_arg:
-        p.add_argument("--seed", type=seed, default=0, help="0 to 2**63-1")
-    p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--force", action="store_true", help="overwrite what --out names if it exists")
+from .cli import (Parser, add_model_args, add_sampling_args, check_device, finite, fraction, load_model, positive,
+                  preflight, seed)
+from .features import cli as features_cli
+from .outputs import Staged, save_image_atomic
 
 
 def parser():
@@ -132,16 +58,7 @@ def parser():
     q.add_argument("--attention-layers", nargs="+", default=None, help="attn1 modules (default decoder layers 4-11)")
     add_sampling_args(q, "folder for " + ", ".join(PNP_FILES), seed_arg=False)
 
-    f = sub.add_parser("features", help="feature views")
-    fsub = f.add_subparsers(dest="view", required=True)
-    pca = fsub.add_parser("pca", help="top-3 PCA of features as RGB, one basis shared by all images")
-    add_model_args(pca)
-    pca.add_argument("--image", nargs="+", required=True, help="one or more images, each centre-cropped and resized")
-    pca.add_argument("--layers", nargs="+", default=["output_blocks.4"], help="blocks or hook names")
-    pca.add_argument("--step", type=fraction, default=0.5, help="noise level as a fraction of the inversion (0 clean, 1 noise)")
-    pca.add_argument("--steps", type=positive, default=50, help="DDIM inversion steps")
-    pca.add_argument("--out", required=True, help="folder for pca_<layer>_<image>.png")
-    pca.add_argument("--force", action="store_true", help="overwrite files in --out")
+    features_cli.add_parser(sub)
 
     d = sub.add_parser("demo", help="a gallery from the bundled sdlens-tiny model")
     add_model_args(d)
@@ -158,46 +75,6 @@ def parser():
 
 P2P_FILES = ("source.png", "edit.png", "attention.png", "attention_edit.png", "self_attention.png")
 PNP_FILES = ("guidance.png", "pnp.png")
-
-
-def check_device(name):
-    """Before loading: a device that exists here (`meta` holds no data, so it cannot make images)."""
-    import torch
-    kinds = [k for k in ("cuda", "mps", "xpu") if getattr(getattr(torch, k, None), "is_available", lambda: False)()]
-    available = ", ".join(["cpu"] + [f"{k} ({getattr(torch, k).device_count()} device(s))" for k in kinds])
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device name; available here: {available}") from None
-    if dev.type == "meta":
-        raise ValueError(f"--device meta holds no data and cannot make images; available here: {available}")
-    if dev.type != "cpu" and (dev.type not in kinds or (dev.index or 0) >= getattr(torch, dev.type).device_count()):
-        raise ValueError(f"--device {name} is not available; available here: {available}")
-
-
-def preflight(args, out_names, images=(), folder=True):
-    """Everything checkable before the model loads: device, input images, where the outputs go."""
-    from .editing import load_image
-    check_device(args.device)
-    check_target(args.out, folder=folder)
-    outs = [os.path.join(args.out, n) for n in out_names] if folder else [args.out]
-    reals = {os.path.realpath(o) for o in outs}
-    for flag, path in images:
-        if not os.path.isfile(path):
-            raise ValueError(f"{flag} {path}: no such file")
-        if os.path.realpath(path) in reals:
-            raise ValueError(f"{flag} {path} is also an output of this command; choose another --out")
-        load_image(path, 8)  # a bad image fails now, not after the model has loaded
-    existing = [o for o in outs if os.path.exists(o)]
-    if existing and not args.force:
-        raise ValueError(f"{existing[0]} exists; pass --force to overwrite it or choose another --out")
-
-
-def load_model(args):
-    import torch
-    import sdlens
-    return sdlens.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                       prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
 
 
 def cmd_generate(args):
@@ -274,29 +151,6 @@ def cmd_pnp(args):
     print(os.path.abspath(args.out))
 
 
-def cmd_features(args):
-    inputs = [("--image", p) for p in args.image]
-    preflight(args, (), inputs)
-    from .editing import load_image
-    from .editing.features import collect, pca_rgb, resolve_layers
-    from .editing.pnp import inversion_latents
-    from .pipeline import to_pil
-    from .schedulers import timesteps
-    sd = load_model(args)
-    names = resolve_layers(sd, args.layers)
-    outs = {n: [f"pca_{n.replace('.', '_')}_{i:02d}.png" for i in range(len(args.image))] for n in names}
-    preflight(args, [f for fs in outs.values() for f in fs], inputs)
-    k = round(args.step * args.steps)
-    t = list(reversed(timesteps(sd.scheduler, args.steps)))[max(k - 1, 0)]
-    latents = [inversion_latents(sd, load_image(p, sd=sd), steps=args.steps, progress=True)[k] for p in args.image]
-    feats = collect(sd, latents, t, names)
-    with Staged(args.out, args.force) as out:
-        for n in names:
-            for name, rgb in zip(outs[n], pca_rgb(feats[n])):
-                out.save(to_pil(rgb[None])[0].resize((sd.default_size, sd.default_size), 0), name)
-    print(os.path.abspath(args.out))
-
-
 def cmd_demo(args):
     from .tiny import demo
     args.out, args.force = demo.free_folder(args.out), False
@@ -316,7 +170,7 @@ def cmd_hooks(args):
     print(sd.unet.describe(height // f, width // f))
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "features": cmd_features,
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "features": features_cli.run,
             "hooks": cmd_hooks}
 
 

@@ -57,6 +57,13 @@ def _write_png(image, path, mode):
         os.chmod(path, mode)
 
 
+class Text(str):
+    """Text written by `Staged.save` like an image (it calls `.save(file, format=...)`): HTML, CSV."""
+
+    def save(self, f, format=None):
+        f.write(self.encode("utf-8"))
+
+
 def _mode_of(path):
     return os.stat(path).st_mode & 0o7777 if os.path.exists(path) else None
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdlens
-from sdlens.editing.features import collect, pca_rgb, resolve_layers
+from sdlens.features.pca import collect, pca_rgb, resolve_layers
 from sdlens.editing.pnp import ATTENTION_LAYERS, inversion_latents, negative_alpha, negative_uncond, translate
 from sdlens.schedulers import invert, timesteps
 

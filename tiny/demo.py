@@ -9,7 +9,7 @@ import time
 
 from PIL import Image, ImageDraw
 
-from ..outputs import Staged
+from ..outputs import Staged, Text
 
 PROMPTS = ["a big red circle on the left", "a small blue square at the top", "a yellow star in the center",
            "a big green triangle on the right", "a purple circle at the bottom on a white background",
@@ -43,13 +43,6 @@ def captioned_grid(images, captions, cols=4, scale=3):
     return grid
 
 
-class Page(str):
-    """The gallery's HTML, written by `Staged.save` like an image (it calls `.save(file, format=...)`)."""
-
-    def save(self, f, format=None):
-        f.write(self.encode("utf-8"))
-
-
 def page(panels, seed, steps, guidance):
     """index.html: one section per panel: its method, prompt, settings, and what to look for."""
     from html import escape
@@ -61,7 +54,7 @@ def page(panels, seed, steps, guidance):
         parts.append(f"<section><h2>{escape(p['title'])}</h2><p class=meta><b>Method:</b> {escape(p['method'])}<br>"
                      f"<b>Prompt:</b> {escape(p['prompt'])}<br><b>Settings:</b> {escape(p['settings'])}</p>"
                      f"<p class=look><b>Look for:</b> {escape(p['look'])}</p><div class=row>{imgs}</div></section>")
-    return Page(f"""<!doctype html><html><head><meta charset="utf-8"><title>sdlens demo</title><style>
+    return Text(f"""<!doctype html><html><head><meta charset="utf-8"><title>sdlens demo</title><style>
 body {{ font: 16px/1.45 sans-serif; max-width: 1150px; margin: 1em auto; padding: 0 1em; color: #222 }}
 section {{ border-top: 1px solid #ccc; padding: .4em 0 1em }} .meta {{ color: #555 }}
 .look {{ background: #f4f1e8; padding: .4em .6em }} .row {{ display: flex; flex-wrap: wrap; gap: 12px }}
@@ -101,7 +94,7 @@ def _run(sd, save, seed, steps, guidance):
 
     from ..editing import PromptToPrompt
     from ..editing.attention_maps import word_maps
-    from ..editing.features import collect, pca_rgb
+    from ..features.pca import collect, pca_rgb
     from ..editing.pnp import inversion_latents, translate
     from ..editing.visualize import attention_grid, self_attention_components
     from ..pipeline import to_pil

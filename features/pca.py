@@ -1,16 +1,18 @@
 """Diffusion features as pictures: PCA of ResBlock features and of self-attention q/k.
 
+(Moved here from `editing/`: these are analysis, not editing.)
+
 As in the Plug-and-Play paper's feature figures: features of the guidance image's inverted latent
 at a chosen step, projected on their top 3 principal components and shown as RGB. A set of images
 shares one PCA basis, so the same semantic part gets the same colour in every image.
 """
-import math
 from typing import Dict, List, Sequence
 
 import torch
 from einops import rearrange
 
 from ..hooks import StepContext
+from .extract import to_spatial
 
 
 def pca_rgb(feats: List[torch.Tensor], k: int = 3) -> List[torch.Tensor]:
@@ -37,10 +39,8 @@ def pca_rgb(feats: List[torch.Tensor], k: int = 3) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def collect(sd, latents: Sequence[torch.Tensor], t: int, names: Sequence[str], prompt: str = "") -> Dict[str, List[torch.Tensor]]:
-    """Run the UNet once per latent at timestep t and return {hook name: [per image [C,h,w]]}.
-
-    ResBlock hooks give [C,h,w] directly; attention q/k hooks ([1,heads,hw,d]) are reshaped to
-    [heads*d, h, w] using the latent's aspect ratio."""
+    """Run the UNet once per given latent (e.g. an inverted one) at timestep t and return
+    {hook name: [per image [C,h,w]]}, each value made spatial as `extract` makes it."""
     ctx = sd.encode_prompt([prompt])
     out = {n: [] for n in names}
     for z in latents:
@@ -48,12 +48,7 @@ def collect(sd, latents: Sequence[torch.Tensor], t: int, names: Sequence[str], p
                 sd.unet.step_context(StepContext(step=0, t=t, num_steps=1, rows={"cond": [0]})):
             sd.unet(z, t, ctx)
         for n in names:
-            v = store[n][-1][0]
-            info = sd.unet.hook_info(n)
-            if info.kind in ("self_attention", "cross_attention"):  # [heads, hw, d] from an attention hook
-                h = math.ceil(z.shape[-2] / info.downscale)
-                v = rearrange(v, "a (h w) d -> (a d) h w", h=h)
-            out[n].append(v)
+            out[n].append(to_spatial(store[n][-1], sd.unet.hook_info(n), z.shape[-2:])[0])
     return out
 
 

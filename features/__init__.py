@@ -1,0 +1,7 @@
+"""Diffusion features beyond editing: extraction at any hook point, every paper's layer names,
+semantic correspondence (DIFT) and linear probes over layer x timestep.
+
+Built only on the public hook API (`sd.unet.hooks`, `hook_info`), like `editing/`.
+"""
+from .extract import DIFT_T, extract, feature_names
+from .pca import collect, pca_rgb, resolve_layers
