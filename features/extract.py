@@ -162,7 +162,7 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
     # All draws at once, on the CPU, so that neither max_rows nor the device changes them:
     # row r (image r // ensemble) gets noise[r].
     noise = torch.randn((B * ensemble,) + tuple(z.shape[1:]), generator=torch.Generator().manual_seed(seed))
-    a = alphas_cumprod(sd.scheduler)[t].item()
+    a = alphas_cumprod(sd.scheduler)[t]  # float32 tensor arithmetic, as DDPM's add_noise does it
     sums: Dict[str, torch.Tensor] = {}
     rows = list(range(0, B * ensemble, max_rows))
     if progress:
