@@ -4,4 +4,5 @@ semantic correspondence (DIFT) and linear probes over layer x timestep.
 Built only on the public hook API (`sd.unet.hooks`, `hook_info`), like `editing/`.
 """
 from .extract import DIFT_T, extract, feature_names
+from .layers import paper_hooks, paper_layer, paper_layers
 from .pca import collect, pca_rgb, resolve_layers
