@@ -104,7 +104,11 @@ def as_batch(sd, images) -> torch.Tensor:
     x = to_tensor(images)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(x.shape)}")
-    return x.to(sd.device)
+    f = sd.latent_factor
+    if x.shape[-1] % f or x.shape[-2] % f:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} must be a multiple of {f}; crop or resize it")
+    sd.warn_size(*x.shape[-2:], stacklevel=5)
+    return x.to(sd.device, torch.float32)
 
 
 @torch.no_grad()
@@ -125,16 +129,20 @@ def ddim_to(sd, z0: torch.Tensor, t: int, context: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, prompt: Union[str, Sequence[str]] = "",
-            ensemble: int = 1, seed: int = 0, inversion: Optional[str] = None, max_rows: int = 8,
-            progress: bool = False) -> Dict[str, torch.Tensor]:
+            ensemble: int = 1, seed: int = 0, inversion: Optional[str] = None, posterior: str = "sample",
+            max_rows: int = 8, progress: bool = False) -> Dict[str, torch.Tensor]:
     """{hook name: [B, C, h, w] float32 features} for B images at timestep t.
 
     images: a path, a PIL image, a list of either (one size) or a [B,3,H,W] tensor in [0,1].
     prompt: one for all images or one per image ("" as DIFT's default; its SPair script prompts
     with the category). ensemble: noise draws averaged per image (DIFT: 8). seed fixes the draws.
     inversion: None (forward-process noise, DIFT) or "ddim" (deterministic; ensemble must be 1).
-    The draws are `torch.randn([B * ensemble, C, h, w], generator=torch.Generator().manual_seed(seed))`,
-    row r belonging to image r // ensemble, whatever `max_rows` and the device.
+    posterior: "sample" (DIFT's OneStepSDPipeline: `vae.encode(x).latent_dist.sample()`, one draw per
+    row, so the ensemble also averages over the VAE posterior) or "mean" (the posterior mean, as
+    `sd.encode_image`; a deliberate deviation for features without the VAE's noise; inversion uses it).
+    The draws: `g = torch.Generator().manual_seed(seed)`, then `torch.randn([B * ensemble, C, h, w],
+    generator=g)` for the posterior, then the same for the diffusion noise; row r belongs to image
+    r // ensemble, whatever `max_rows` and the device.
     max_rows bounds memory: the B x ensemble rows go through the UNet at most `max_rows` at a time,
     and only the requested points are kept, reduced to their ensemble mean as each chunk ends.
     """
@@ -145,6 +153,8 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
             raise ValueError(f"{arg} must be a positive whole number, got {v!r}")
     if inversion not in (None, "ddim"):
         raise ValueError(f"inversion must be None (forward-process noise, as DIFT) or 'ddim', got {inversion!r}")
+    if posterior not in ("sample", "mean"):
+        raise ValueError(f"posterior must be 'sample' (DIFT) or 'mean', got {posterior!r}")
     if inversion == "ddim" and ensemble != 1:
         raise ValueError("ensemble must be 1 with inversion='ddim': DDIM inversion is deterministic, every draw is the same")
     x = as_batch(sd, images)
@@ -152,16 +162,18 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
     prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
     if len(prompts) != B or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or one string per image ({B}), got {prompt!r}")
-    z = sd.encode_image(x).to(sd.latent_dtype)
+    mean, logvar = sd.vae.encode(2 * x - 1)
+    scale = sd.vae.cfg.scaling_factor
     ctx = sd.encode_prompt(prompts)
     if inversion == "ddim":
-        z = torch.cat([ddim_to(sd, z[i:i + max_rows], t, ctx[i:i + max_rows]) for i in range(0, B, max_rows)])
+        z = torch.cat([ddim_to(sd, mean[i:i + max_rows] * scale, t, ctx[i:i + max_rows]) for i in range(0, B, max_rows)])
     infos = {n: sd.unet.hook_info(n) for n in names}
-    hw = z.shape[-2:]
-    owner = torch.arange(B, device=z.device).repeat_interleave(ensemble)  # row -> image
-    # All draws at once, on the CPU, so that neither max_rows nor the device changes them:
-    # row r (image r // ensemble) gets noise[r].
-    noise = torch.randn((B * ensemble,) + tuple(z.shape[1:]), generator=torch.Generator().manual_seed(seed))
+    hw = mean.shape[-2:]
+    owner = torch.arange(B, device=mean.device).repeat_interleave(ensemble)  # row -> image
+    # All draws at once, on the CPU, so that neither max_rows nor the device changes them.
+    g = torch.Generator().manual_seed(seed)
+    shape = (B * ensemble,) + tuple(mean.shape[1:])
+    vae_noise, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     a = alphas_cumprod(sd.scheduler)[t]  # float32 tensor arithmetic, as DDPM's add_noise does it
     sums: Dict[str, torch.Tensor] = {}
     rows = list(range(0, B * ensemble, max_rows))
@@ -169,10 +181,15 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
         from tqdm.auto import tqdm
         rows = tqdm(rows, desc="features", leave=False)
     for start in rows:
-        idx = owner[start:start + max_rows]
-        zc = z[idx]
-        if inversion is None:  # DIFT: one fresh draw per row, images repeated `ensemble` times
-            zc = a ** 0.5 * zc + (1 - a) ** 0.5 * noise[start:start + max_rows].to(zc)
+        idx, r = owner[start:start + max_rows], slice(start, start + max_rows)
+        if inversion == "ddim":
+            zc = z[idx]
+        else:  # DIFT: images repeated `ensemble` times, fresh draws per row
+            zc = mean[idx]
+            if posterior == "sample":  # DiagonalGaussianDistribution.sample: mean + exp(logvar / 2) eps
+                zc = zc + torch.exp(0.5 * logvar[idx]) * vae_noise[r].to(zc)
+            zc = (zc * scale).to(sd.latent_dtype)
+            zc = a ** 0.5 * zc + (1 - a) ** 0.5 * noise[r].to(zc)
         seen = {}
 
         def keep(value, hook):

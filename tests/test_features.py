@@ -13,17 +13,19 @@ def pair(sd1_fixture):
     return sd1_fixture["pipe"], sdlens.load(sd1_fixture["folder"])
 
 
-def dift_on_diffusers(pipe, images, prompt, t, ensemble, seed, module):
-    """DIFT's SDFeaturizer (src/models/dift_sd.py) on the diffusers pipeline: VAE mean x scale, each image
-    repeated `ensemble` times, scheduler.add_noise at t, one UNet call with the prompt, the module's
-    output averaged over the ensemble. The noise is drawn as extract() documents it."""
+def dift_on_diffusers(pipe, images, prompt, t, ensemble, seed, module, posterior="sample"):
+    """DIFT's SDFeaturizer (src/models/dift_sd.py, OneStepSDPipeline) on the diffusers pipeline: each image
+    repeated `ensemble` times, `vae.encode(x).latent_dist.sample()` x scale, scheduler.add_noise at t, one
+    UNet call with the prompt, the module's output averaged over the ensemble. The posterior and diffusion
+    draws are made in the order extract() documents."""
     out = {}
     hook = module.register_forward_hook(lambda m, i, o: out.__setitem__("v", o[0] if isinstance(o, tuple) else o))
     try:
         with torch.no_grad():
-            z = pipe.vae.encode(images * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
-            z = z.repeat_interleave(ensemble, 0)
-            noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed))
+            dist = pipe.vae.encode(images.repeat_interleave(ensemble, 0) * 2 - 1).latent_dist
+            g = torch.Generator().manual_seed(seed)
+            eps_vae, noise = torch.randn(dist.mean.shape, generator=g), torch.randn(dist.mean.shape, generator=g)
+            z = (dist.mean + dist.std * eps_vae if posterior == "sample" else dist.mean) * pipe.vae.config.scaling_factor
             noisy = pipe.scheduler.add_noise(z, noise, torch.tensor([t]))
             ids = pipe.tokenizer([prompt] * len(z), padding="max_length", max_length=77, return_tensors="pt").input_ids
             pipe.unet(noisy, t, encoder_hidden_states=pipe.text_encoder(ids)[0])
@@ -42,17 +44,18 @@ def close(a, b, rel=1e-5):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
 
-@pytest.mark.parametrize("ensemble", [1, 3])
-def test_extract_equals_dift_on_diffusers(pair, ensemble):
+@pytest.mark.parametrize("ensemble, posterior", [(1, "sample"), (3, "sample"), (3, "mean")])
+def test_extract_equals_dift_on_diffusers(pair, ensemble, posterior):
     pipe, sd = pair
     images = torch.rand(2, 3, 128, 64, generator=torch.Generator().manual_seed(0))  # non-square: 16x8 latents
     ours = extract(sd, images, ["output_blocks.5.hook_out", "output_blocks.4.1.transformer_blocks.0.attn1.hook_q"],
-                   t=261, prompt="a photo of a cat", ensemble=ensemble, seed=7, max_rows=2)
-    ref = dift_on_diffusers(pipe, images, "a photo of a cat", 261, ensemble, 7, pipe.unet.up_blocks[1])  # up_ft_index 1
+                   t=261, prompt="a photo of a cat", ensemble=ensemble, seed=7, max_rows=2, posterior=posterior)
+    ref = dift_on_diffusers(pipe, images, "a photo of a cat", 261, ensemble, 7, pipe.unet.up_blocks[1],  # up_ft_index 1
+                            posterior)
     assert ours["output_blocks.5.hook_out"].shape == ref.shape == (2, 64, 8, 4)
     assert close(ours["output_blocks.5.hook_out"], ref)
     q = dift_on_diffusers(pipe, images, "a photo of a cat", 261, ensemble, 7,
-                          pipe.unet.up_blocks[1].attentions[1].transformer_blocks[0].attn1.to_q)  # [B, hw, heads*d]
+                          pipe.unet.up_blocks[1].attentions[1].transformer_blocks[0].attn1.to_q, posterior)  # [B, hw, heads*d]
     heads = pipe.unet.up_blocks[1].attentions[1].transformer_blocks[0].attn1.heads
     q = rearrange(q, "b (h w) (a d) -> b (a d) h w", h=4, a=heads)  # level 2 of a 16x8 latent: 4x2  # our documented channel order: head by head
     assert close(ours["output_blocks.4.1.transformer_blocks.0.attn1.hook_q"], q)
@@ -113,6 +116,7 @@ def test_ddim_inversion_lands_on_the_sampler_inversion(pair):
     (dict(ensemble=0), "ensemble must be a positive"),
     (dict(inversion="ddim", ensemble=4), "ensemble must be 1 with inversion='ddim'"),
     (dict(inversion="null-text"), "inversion must be None"),
+    (dict(posterior="mode"), "posterior must be"),
     (dict(prompt=["a", "b", "c"]), "one string per image"),
 ])
 def test_bad_arguments_name_the_argument(pair, kwargs, message):
