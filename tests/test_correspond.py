@@ -170,6 +170,30 @@ def test_spair_cli_on_a_synthetic_set(tmp_path, capsys, sd):
     assert got == want.tolist()
 
 
+def test_spair_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
+    import sdlens.features.spair as spair
+    root, out = tmp_path / "SPair-71k", tmp_path / "results.csv"
+    write_spair(str(root))
+    real, calls, interrupt = spair.match, [], [True]
+
+    def second_pair_interrupts(*a):
+        calls.append(1)
+        if len(calls) == 2 and interrupt.pop():
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(spair, "match", second_pair_interrupts)
+    argv = ["features", "spair", "--data", root, "--out", out, "--ensemble", 1]
+    assert run(argv, capsys)[0] == 130 and not out.exists()
+    assert len((tmp_path / ".results.csv.partial").read_text().splitlines()) == 2  # settings + pair 1
+    calls.clear(), interrupt.append(False)
+    rc, stdout, err = run(argv, capsys)
+    assert rc in (0, None), err
+    assert len(calls) == 2  # pairs 2 and 3 only
+    assert stdout.splitlines()[4:6] == ["All per image PCK@0.1: 58.33", "All per point PCK@0.1: 66.67"]
+    assert sorted(os.listdir(tmp_path)) == ["SPair-71k", "results.csv"]
+
+
 def test_spair_bad_data_is_one_line(tmp_path, capsys):
     (tmp_path / "JPEGImages").mkdir()
     out = tmp_path / "o" / "r.csv"
