@@ -3,10 +3,12 @@
 Each view registers its parser in `add_parser` and its function in VIEWS. Like every command, a
 view checks what it can before the model loads and writes all of its files or none.
 """
+import argparse
+import json
 import os
 
-from ..cli import add_model_args, fraction, load_model, positive, preflight
-from ..outputs import Staged
+from ..cli import add_model_args, fraction, load_model, positive, preflight, seed
+from ..outputs import Staged, Text
 
 
 def add_parser(sub):
@@ -20,6 +22,67 @@ def add_parser(sub):
     pca.add_argument("--steps", type=positive, default=50, help="DDIM inversion steps")
     pca.add_argument("--out", required=True, help="folder for pca_<layer>_<image>.png")
     pca.add_argument("--force", action="store_true", help="overwrite files in --out")
+
+    c = fsub.add_parser("correspond", help="DIFT: match points of one image in another, drawn side by side")
+    add_model_args(c)
+    c.add_argument("--image", required=True, help="the source image (any size; resized, not cropped, as DIFT)")
+    c.add_argument("--points", required=True, type=points_arg, help='"x,y;x,y": source pixels to match')
+    c.add_argument("--target", required=True, help="the image to find them in")
+    add_dift_args(c, ensemble=8)
+    c.add_argument("--prompt", default="", help="text condition of the UNet call (DIFT's default: empty)")
+    c.add_argument("--out", required=True, help="folder for " + ", ".join(CORRESPOND_FILES))
+    c.add_argument("--force", action="store_true", help="overwrite files in --out")
+
+    s = fsub.add_parser("spair", help="PCK@0.1 on SPair-71k's test pairs, as DIFT's eval_spair.py")
+    add_model_args(s)
+    s.add_argument("--data", required=True, help="SPair-71k's root: JPEGImages/, PairAnnotation/test/")
+    s.add_argument("--limit", type=positive, default=None, help="only the first N pairs (sorted by category, file)")
+    add_dift_args(s, ensemble=8)
+    s.add_argument("--out", required=True, help="CSV file: one row per keypoint (a rerun resumes from "
+                                                ".<name>.partial beside it)")
+    s.add_argument("--force", action="store_true", help="overwrite --out")
+
+
+CORRESPOND_FILES = ("matches.png", "matches.csv")
+
+
+def points_arg(text):
+    try:
+        pts = [tuple(float(v) for v in p.split(",")) for p in text.split(";") if p.strip()]
+    except ValueError:
+        pts = None
+    if not pts or any(len(p) != 2 for p in pts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of points like \"12,30;40,8\" (x,y;x,y)")
+    return pts
+
+
+def timestep(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole timestep") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a timestep (0 to T-1)")
+    return n
+
+
+def add_dift_args(p, ensemble):
+    p.add_argument("--layer", default=None, help="hook point (default: DIFT's up_ft_index 1, paper_layer('dift', 1))")
+    p.add_argument("--t", type=timestep, default=261, help="timestep (DIFT: 261)")
+    p.add_argument("--ensemble", type=positive, default=ensemble, help="noise draws averaged (DIFT: 8)")
+    p.add_argument("--seed", type=seed, default=0, help="of the noise draws")
+
+
+def check_layer(sd, layer):
+    """--layer checked after the model loads, with extract's message under the flag's name."""
+    from .extract import check_names
+    if layer is None:
+        from .layers import paper_layer
+        return paper_layer("dift", 1, sd.unet)
+    try:
+        return check_names(sd, layer)[0]
+    except ValueError as e:
+        raise ValueError("--layer" + str(e)[len("names"):]) from None
 
 
 def cmd_pca(args):
@@ -45,7 +108,77 @@ def cmd_pca(args):
     print(os.path.abspath(args.out))
 
 
-VIEWS = {"pca": cmd_pca}
+def cmd_correspond(args):
+    from PIL import Image
+    from .correspond import check_points, draw_matches, match, prepare
+    from .extract import extract
+    preflight(args, CORRESPOND_FILES, [("--image", args.image), ("--target", args.target)])
+    src_img, trg_img = Image.open(args.image), Image.open(args.target)
+    pts = check_points(args.points, (src_img.height, src_img.width), "--points")  # before the model loads
+    sd = load_model(args)
+    name = check_layer(sd, args.layer)
+    (src, src_hw), (trg, trg_hw) = (prepare(p, sd.default_size, f) for f, p in (("--image", args.image),
+                                                                                ("--target", args.target)))
+    import torch
+    f = extract(sd, torch.stack([src, trg]), name, t=args.t, prompt=args.prompt, ensemble=args.ensemble,
+                seed=args.seed, progress=True)[name]
+    pred = match(f[0], f[1], pts.to(f.device), src_hw, trg_hw)
+    rows = ["x,y,match_x,match_y"] + [f"{a:g},{b:g},{c:g},{d:g}" for (a, b), (c, d) in zip(pts.tolist(), pred.tolist())]
+    with Staged(args.out, args.force) as out:
+        out.save(draw_matches(src_img, trg_img, pts, pred), "matches.png")
+        out.save(Text("\n".join(rows) + "\n"), "matches.csv")
+    print(os.path.abspath(args.out))
+
+
+def cmd_spair(args):
+    from .spair import evaluate, pair_files, read_pair, report, summarize
+    preflight(args, (), folder=False)
+    for p in pair_files(args.data):  # every annotation and image checked before the model loads
+        read_pair(p, args.data)
+    sd = load_model(args)
+    name = check_layer(sd, args.layer)
+    settings = dict(model=args.model, layer=name, t=args.t, ensemble=args.ensemble, seed=args.seed,
+                    size=sd.default_size, dtype=args.dtype, data=os.path.abspath(args.data))
+    partial = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.partial")
+    done = resume(partial, settings)
+    os.makedirs(os.path.dirname(partial), exist_ok=True)  # the log lives beside --out, so a rerun finds it
+    with open(partial, "w") as log:  # rewritten whole: a line cut short by an interruption goes
+        log.write("".join(json.dumps(x) + "\n" for x in [settings] + list(done.items())))
+
+        def on_pair(fname, rows):
+            log.write(json.dumps([fname, rows]) + "\n")
+            log.flush()
+
+        rows = evaluate(sd, args.data, limit=args.limit, name=name, t=args.t, ensemble=args.ensemble, seed=args.seed,
+                        progress=True, done=done, on_pair=on_pair)
+    cols = list(rows[0])
+    text = "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n"
+    with Staged(os.path.dirname(os.path.abspath(args.out)), args.force) as out:
+        out.save(Text(text), os.path.basename(args.out))
+    os.unlink(partial)
+    print(report(summarize(rows)))
+    print(os.path.abspath(args.out))
+
+
+def resume(path, settings):
+    """{pair file: rows} from an interrupted run with the same settings, else {} (the run starts over)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    done = {}
+    try:
+        if not lines or json.loads(lines[0]) != settings:
+            return {}
+        for line in lines[1:]:
+            fname, rows = json.loads(line)
+            done[fname] = rows
+    except ValueError:  # a line cut short by the interruption: keep what came before it
+        pass
+    return done
+
+
+VIEWS = {"pca": cmd_pca, "correspond": cmd_correspond, "spair": cmd_spair}
 
 
 def run(args):
