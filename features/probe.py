@@ -241,7 +241,7 @@ def sweep_heatmap(rows: List[Dict], title: str = "") -> "Image.Image":
     value = {(r["hook"], r["t"]): r["miou"] for r in rows}
     fnt, small = font(11), font(9)
     d0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = int(max(d0.textlength(h, font=fnt) for _, h in hooks)) + 8
+    label_w = int(max(d0.textlength(h, font=fnt) for _, h in hooks)) + 14  # names start at x = 6
     cell_w, cell_h, top = 44, 14, 36
     kinds = list(dict.fromkeys(k for k, _ in hooks))
     height = top + cell_h * len(hooks) + 16 * len(kinds) + 4
