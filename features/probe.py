@@ -173,7 +173,9 @@ def probe_sweep(sd, task: str = "segmentation", ts: Sequence[int] = SWEEP_T, kin
     over thousands of pixels, so one noise draw per image suffices), all hooks of one t in one call.
     names: hooks to probe (default: `probe_names(sd.unet, kinds)`). Scenes: `tiny.labels.labelled_scenes`
     on `scene_seeds(seed, n, "train" / "test")`; seed also fixes the noise and the training pixels.
-    baselines adds rows for raw pixels (RGB at 64x64) and the VAE latents (kind "baseline", t None)."""
+    baselines adds rows for raw pixels (RGB at 64x64) and the VAE latents (kind "baseline", t None).
+    A model whose `default_size` is not 64 (real SD: 512) sees the scenes enlarged (nearest) to it;
+    the probes still predict the 64x64 labels."""
     from ..tiny.labels import CLASSES, labelled_scenes
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -201,8 +203,12 @@ def probe_sweep(sd, task: str = "segmentation", ts: Sequence[int] = SWEEP_T, kin
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(ts) * (len(names) + 1), desc="probe sweep")
+    images = train_im + test_im
+    size = getattr(sd, "default_size", None)
+    if size and size != images[0].width:  # real SD: 512x512 inputs (nearest keeps the flat colours); labels stay 64x64
+        images = [im.resize((size, size), 0) for im in images]
     for t in ts:
-        feats = extract(sd, train_im + test_im, names, t=t, seed=seed, max_rows=32)
+        feats = extract(sd, images, names, t=t, seed=seed, max_rows=32)
         if bar:
             bar.update(1)
         for n in names:
@@ -217,7 +223,8 @@ def probe_sweep(sd, task: str = "segmentation", ts: Sequence[int] = SWEEP_T, kin
         from ..pipeline import to_tensor
         x = to_tensor(train_im + test_im)
         out.append(row("pixels", "baseline", None, x[:n_train], x[n_train:]))
-        z = torch.cat([sd.encode_image(x[i:i + 32].to(sd.device)).float().cpu() for i in range(0, len(x), 32)])
+        xm = to_tensor(images)
+        z = torch.cat([sd.encode_image(xm[i:i + 32].to(sd.device)).float().cpu() for i in range(0, len(xm), 32)])
         out.append(row("latents", "baseline", None, z[:n_train], z[n_train:]))
     return out
 
