@@ -22,6 +22,18 @@ def add_parser(sub):
     pca.add_argument("--steps", type=positive, default=50, help="DDIM inversion steps")
     pca.add_argument("--out", required=True, help="folder for pca_<layer>_<image>.png")
     pca.add_argument("--force", action="store_true", help="overwrite files in --out")
+    from .probe import DEFAULT_KINDS, KINDS, SWEEP_T, TASKS
+    sw = fsub.add_parser("sweep", help="a linear probe per hook x timestep: sweep.csv and a heatmap sweep.png")
+    add_model_args(sw)
+    sw.add_argument("--task", choices=TASKS, default="segmentation",
+                    help="per-pixel classes of rendered tiny scenes: background, circle, square, triangle, star")
+    sw.add_argument("--scenes", type=positive, default=32, help="training scenes, and as many held-out test scenes")
+    sw.add_argument("--t", type=timestep, nargs="+", default=list(SWEEP_T), help="timesteps, each 0 to 999")
+    sw.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(DEFAULT_KINDS), metavar="KIND",
+                    help=f"activation kinds to probe, of: {', '.join(KINDS)}")
+    sw.add_argument("--seed", type=seed, default=0, help="chooses the scenes, the noise and the training pixels")
+    sw.add_argument("--out", required=True, help="folder for sweep.csv and sweep.png")
+    sw.add_argument("--force", action="store_true", help="overwrite files in --out")
 
     c = fsub.add_parser("correspond", help="DIFT: match points of one image in another, drawn side by side")
     add_model_args(c)
@@ -60,9 +72,9 @@ def timestep(text):
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole timestep") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a timestep (0 to T-1)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= n < 1000:  # every SD scheduler has 1000 training steps; extract() checks the model's own
+        raise argparse.ArgumentTypeError(f"{text} is not a timestep from 0 to 999")
     return n
 
 
@@ -178,7 +190,24 @@ def resume(path, settings):
     return done
 
 
-VIEWS = {"pca": cmd_pca, "correspond": cmd_correspond, "spair": cmd_spair}
+def cmd_sweep(args):
+    if len(set(args.t)) != len(args.t):
+        raise ValueError(f"--t lists a timestep twice: {' '.join(map(str, args.t))}")
+    if args.scenes < 2:
+        raise ValueError("--scenes must be at least 2 (a probe needs two training scenes)")
+    preflight(args, ["sweep.csv", "sweep.png"])
+    from .probe import probe_sweep, sweep_csv, sweep_heatmap
+    sd = load_model(args)
+    rows = probe_sweep(sd, task=args.task, ts=args.t, kinds=args.kinds, n_train=args.scenes, n_test=args.scenes,
+                       seed=args.seed, progress=True)
+    title = f"{args.task}: linear-probe mIoU, {args.scenes} train / {args.scenes} held-out scenes, seed {args.seed}"
+    with Staged(args.out, args.force) as out:
+        out.save(Text(sweep_csv(rows)), "sweep.csv")
+        out.save(sweep_heatmap(rows, title), "sweep.png")
+    print(os.path.abspath(args.out))
+
+
+VIEWS = {"pca": cmd_pca, "correspond": cmd_correspond, "spair": cmd_spair, "sweep": cmd_sweep}
 
 
 def run(args):
