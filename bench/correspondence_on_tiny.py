@@ -4,7 +4,7 @@
 
 Pairs come from `tiny/pairs.py` (same shape moved, recoloured, on another background; keypoints
 at the centre and the vertices, ground truth from the renderer). Each image's features are matched
-as DIFT does (`features.correspond.match`) and scored with per-point PCK@0.1 of the target's box.
+as DIFT does (`features.correspondence.match`) and scored with per-point PCK@0.1 of the target's box.
 
 Measured: every block output, every ResBlock hook_out, and self-attention q and k, at each t, for
 the trained UNet and for the same UNet with untrained weights (seed 0); and two baselines with no
@@ -22,7 +22,8 @@ import torch
 
 import sdlens
 from sdlens.features import extract
-from sdlens.tiny.pairs import images, make_pairs, pair_pck, with_random_unet
+from sdlens.features.probe import random_unet
+from sdlens.tiny.pairs import images, make_pairs, pair_pck
 
 TS = (0, 101, 261, 501, 801)
 
@@ -72,7 +73,7 @@ def main():
     rows = [("pixels", "rgb", -1, pair_pck(pairs, x)),
             ("vae", "latent", -1, pair_pck(pairs, sd.encode_image(x).float()))]
     rows += sweep(sd, pairs, x, names, args.ensemble, "trained")
-    rows += sweep(with_random_unet(sd, 0), pairs, x, names, args.ensemble, "random")
+    rows += sweep(random_unet(sd, 0), pairs, x, names, args.ensemble, "random")
     for label in ("trained", "random"):
         table(rows, label)
     print(f"\nbest per model over {len(pairs)} pairs ({sum(len(p.src_kps) for p in pairs)} points), seeds {args.seeds}:")

@@ -3,7 +3,7 @@ semantic correspondence (DIFT) and linear probes over layer x timestep.
 
 Built only on the public hook API (`sd.unet.hooks`, `hook_info`), like `editing/`.
 """
-from .correspond import correspond, draw_matches, pck
+from .correspondence import correspond, draw_matches, pck
 from .extract import DIFT_T, extract, feature_names
 from .layers import paper_hooks, paper_layer, paper_layers
 from .pca import collect, pca_rgb, resolve_layers

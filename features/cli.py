@@ -122,7 +122,7 @@ def cmd_pca(args):
 
 def cmd_correspond(args):
     from PIL import Image
-    from .correspond import check_points, draw_matches, match, prepare
+    from .correspondence import check_points, draw_matches, match, prepare
     from .extract import extract
     preflight(args, CORRESPOND_FILES, [("--image", args.image), ("--target", args.target)])
     src_img, trg_img = Image.open(args.image), Image.open(args.target)

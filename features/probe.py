@@ -147,14 +147,14 @@ def scene_seeds(seed: int, n: int, split: str) -> List[int]:
 
 
 def random_unet(sd, seed: int = 0):
-    """A copy of `sd` whose UNet has PyTorch's default random initialisation (every layer's
-    reset_parameters), VAE and text encoder kept: the baseline that says what training added."""
-    other = copy.deepcopy(sd)
+    """A shallow copy of `sd` whose UNet has the same shape but untrained weights (PyTorch's default
+    initialisation under torch.manual_seed(seed)); VAE, text encoder and scheduler are shared. The
+    baseline that says what training added."""
+    from ..unet import UNetModel
+    other = copy.copy(sd)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for m in other.unet.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        other.unet = UNetModel(sd.unet.cfg).to(sd.device, sd.dtype).eval()
     return other
 
 

@@ -21,7 +21,7 @@ from collections import OrderedDict, defaultdict
 
 import torch
 
-from .correspond import match, prepare
+from .correspondence import match, prepare
 from .extract import DIFT_T, extract
 
 FIELDS = ("src_imname", "trg_imname", "src_imsize", "trg_imsize", "trg_bndbox", "category", "src_kps", "trg_kps")

@@ -12,8 +12,8 @@ from PIL import Image
 
 import sdlens
 import sdlens.__main__ as cli
-from sdlens.features import correspond as corr
-from sdlens.features.correspond import check_points, correspond, draw_matches, match, pck
+from sdlens.features import correspondence as corr
+from sdlens.features.correspondence import check_points, correspond, draw_matches, match, pck
 from sdlens.tiny.scenes import render, scene_from
 
 
@@ -250,11 +250,12 @@ MARGIN = 0.15
 
 def test_trained_features_beat_every_baseline_on_tiny(sd):
     from sdlens.features import extract
-    from sdlens.tiny.pairs import images, make_pairs, pair_pck, with_random_unet
+    from sdlens.features.probe import random_unet
+    from sdlens.tiny.pairs import images, make_pairs, pair_pck
     pairs = make_pairs(HELDOUT)
     x = images(pairs)
     scores = {"pixels": pair_pck(pairs, x), "vae": pair_pck(pairs, sd.encode_image(x).float())}
-    for label, model, (name, t) in (("random", with_random_unet(sd, 0), RANDOM), ("trained", sd, TRAINED)):
+    for label, model, (name, t) in (("random", random_unet(sd, 0), RANDOM), ("trained", sd, TRAINED)):
         scores[label] = pair_pck(pairs, extract(model, x, name, t=t, ensemble=4, max_rows=64)[name])
     print(scores)
     best_baseline = max(v for k, v in scores.items() if k != "trained")

@@ -73,7 +73,7 @@ def pair_pck(pairs: List[Pair], feats, alpha: float = 0.1) -> float:
     """Per-point PCK@alpha over all pairs (DIFT's "per point"), matching with features [2P, C, h, w]
     laid out as `images(pairs)`."""
     import torch
-    from ..features.correspond import check_points, match
+    from ..features.correspondence import check_points, match
     correct = total = 0
     for i, p in enumerate(pairs):
         pred = match(feats[2 * i], feats[2 * i + 1], check_points(p.src_kps, (SIZE, SIZE)).to(feats.device),
@@ -82,16 +82,3 @@ def pair_pck(pairs: List[Pair], feats, alpha: float = 0.1) -> float:
         correct += int((dist / p.bbox_size <= alpha).sum())
         total += len(dist)
     return correct / total
-
-
-def with_random_unet(sd, seed: int):
-    """A shallow copy of `sd` whose UNet has the same shape but untrained weights (PyTorch's default
-    initialisation under torch.manual_seed(seed)); VAE, text encoder and scheduler are shared."""
-    import copy
-    import torch
-    from ..unet import UNetModel
-    rnd = copy.copy(sd)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        rnd.unet = UNetModel(sd.unet.cfg).to(sd.device, sd.dtype).eval()
-    return rnd
