@@ -75,7 +75,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     folder = args.model or TINY_DIR
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True,
-                                                   torch_dtype=torch.float32).to(device)  # the VAE stays float32
+                                                   dtype=torch.float32).to(device)  # the VAE stays float32
     pipe.unet.to(dtype)
     sd = sdlens.load(folder, device=args.device, dtype=dtype)
     size = args.size or sd.default_size

@@ -15,8 +15,8 @@ similarity, the features being upsampled to each image's own size first. This fo
 - PCK: a match is correct when distance / threshold <= alpha, threshold = max(w, h) of the target's
   bounding box (eval_spair.py:100, 121-122).
 
-Two differences: the VAE latent is the posterior mean (DIFT samples it, dift_sd.py:178), and the
-noise draws come from `extract`'s seeded generator.
+The VAE posterior is sampled per ensemble row, as DIFT does (dift_sd.py:178); the draws come from
+`extract`'s seeded generator, so a run is reproducible.
 
 Memory: the full upsampled feature map would be C x H x W floats (3 GB for SD 2.1's 1280 channels at
 768x768), so `match` upsamples a few channels at a time and accumulates the dot products and norms;
