@@ -6,6 +6,7 @@ view checks what it can before the model loads and writes all of its files or no
 import argparse
 import json
 import os
+import sys
 
 from ..cli import add_model_args, fraction, load_model, positive, preflight, seed
 from ..outputs import Staged, Text
@@ -161,8 +162,12 @@ def cmd_spair(args):
             log.write(json.dumps([fname, rows]) + "\n")
             log.flush()
 
-        rows = evaluate(sd, args.data, limit=args.limit, name=name, t=args.t, ensemble=args.ensemble, seed=args.seed,
-                        progress=True, done=done, on_pair=on_pair)
+        try:
+            rows = evaluate(sd, args.data, limit=args.limit, name=name, t=args.t, ensemble=args.ensemble,
+                            seed=args.seed, progress=True, done=done, on_pair=on_pair)
+        except KeyboardInterrupt:  # --out is not written, but the finished pairs are kept for a rerun
+            print(f"finished pairs are kept in {partial}; the same command resumes from them", file=sys.stderr)
+            raise
     cols = list(rows[0])
     text = "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n"
     with Staged(os.path.dirname(os.path.abspath(args.out)), args.force) as out:
