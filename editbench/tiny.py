@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from ..tiny.checker import MIN_AREA, NAMES, check, classify_shape, foreground, label_pixels, largest_component
-from ..tiny.checker import mask_iou, object_mask, position_ok
-from ..tiny.scenes import BACKGROUNDS, COLORS, POSITION_PHRASE, POSITIONS, SHAPES, SIZE, TEXTURES, Obj, Scene, describe, place
-from ..tiny.scenes import polygon, render
+from ..tiny.checker import (MIN_AREA, NAMES, check, classify_shape, foreground, label_pixels, largest_component,
+                            mask_iou, object_mask, position_ok)
+from ..tiny.scenes import (BACKGROUNDS, COLORS, POSITION_PHRASE, POSITIONS, SHAPES, SIZE, TEXTURES, Obj, Scene,
+                           describe, place, polygon, render)
 from .pie import GRID, make_item, mask_at, write_benchmark
 
 KINDS = (("1", "change_object"), ("2", "add_object"), ("6", "change_attribute_color"), ("8", "change_background"))
@@ -57,7 +57,8 @@ def make_edit(type_id, rng):
         head = describe(a, False, False)
         src, tgt = Scene([a], bg, tex, f"{head} {POSITION_PHRASE[p1]}"), Scene([a, b], bg, tex, "")
         orig, edit = f"{head} [{POSITION_PHRASE[p1]}]", f"{head} [{rel} {describe(b, False, False)}]"
-        return src, tgt, orig, edit, f"add {describe(b, False, False)} {POSITION_PHRASE[p2]}", (s1, s2), object_region(b)
+        instr = f"add {describe(b, False, False)} {POSITION_PHRASE[p2]}"
+        return src, tgt, orig, edit, instr, (s1, s2), object_region(b)  # blended: a source word, a target word
     o = place(Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(("small", "big")),
                   rng.choice(list(POSITIONS))), rng)
     with_bg = type_id == "8" or rng.random() < 0.3  # as often as scenes.single_caption names it
@@ -90,7 +91,8 @@ def render_pair(seed, i):
     rng = random.Random(f"pie-tiny-{seed}-{i}")
     src, tgt, orig, edit, instr, blend, mask = make_edit(type_id, rng)
     k = rng.randrange(2 ** 31)  # the same renderer stream for both, so a texture draws the same stripes
-    return type_id, src, tgt, render(src, random.Random(k)), render(tgt, random.Random(k)), (orig, edit, instr, blend, mask)
+    images = render(src, random.Random(k)), render(tgt, random.Random(k))
+    return (type_id, src, tgt) + images + ((orig, edit, instr, blend, mask),)
 
 
 def make_tiny(root, n=64, seed=0, force=False):
@@ -124,7 +126,7 @@ def ssim(a, b, data_range=1.0):
     """torchmetrics' StructuralSimilarityIndexMeasure with its defaults (gaussian kernel 11, sigma 1.5,
     k1 0.01, k2 0.03; reflect padding by 5; the mean over every pixel and channel), as PIE uses it
     (matrics_calculator.py:278). a, b: float [H, W, 3] in [0, 1]."""
-    x = torch.stack([torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)]).permute(0, 3, 1, 2)
+    x = torch.stack([torch.as_tensor(np.asarray(v), dtype=torch.float32) for v in (a, b)]).permute(0, 3, 1, 2)
     g = torch.exp(-0.5 * (torch.arange(11, dtype=torch.float32) - 5) ** 2 / 1.5 ** 2)
     g = g / g.sum()
     kernel = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
@@ -156,7 +158,8 @@ def object_ok(img, color, shape, position=None):
     if classify_shape(blob) != shape:
         return False
     ys, xs = np.nonzero(blob)
-    return position is None or position_ok((xs.mean() + 0.5) / blob.shape[1], (ys.mean() + 0.5) / blob.shape[0], position)
+    h, w = blob.shape
+    return position is None or position_ok((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h, position)
 
 
 def background_ok(img, name):
@@ -169,6 +172,11 @@ def background_ok(img, name):
 def edit_success(img, item):
     colors, shapes, pos, rel, bg = parse_prompt(item.editing_prompt)
     t = item.editing_type_id
+    k = 2 if t == "2" else 1  # objects named
+    if not (t in dict(KINDS) and len(colors) >= k and len(shapes) >= k and (rel if t == "2" else pos)
+            and (bg in BACKGROUNDS or t != "8")):
+        raise ValueError(f"{item.key}: the tiny checker judges PIE-tiny items only (types 1, 2, 6, 8 in "
+                         f"sdlens-tiny's prompt grammar), not {t!r} {item.editing_prompt!r}")
     if t == "2":
         return object_ok(img, colors[0], shapes[0]) and object_ok(img, colors[1], shapes[1],
                                                                   {"next to": "right", "above": "bottom"}[rel])
@@ -200,8 +208,8 @@ class TinyMetrics:
             out.update(psnr_unedit_part=math.nan, mse_unedit_part=math.nan, ssim_unedit_part=math.nan)
         else:
             mse = float(((a * keep - b * keep) ** 2).mean())
-            out.update(psnr_unedit_part=10 * math.log10(1 / mse) if mse > 0 else math.inf, mse_unedit_part=mse,
-                       ssim_unedit_part=ssim(a * keep, b * keep))
+            psnr = 10 * math.log10(1 / mse) if mse > 0 else math.inf  # torchmetrics' PSNR, data_range 1
+            out.update(psnr_unedit_part=psnr, mse_unedit_part=mse, ssim_unedit_part=ssim(a * keep, b * keep))
         src8, tgt8 = (np.uint8(np.round(x * 255)) for x in (a, b))
         if item.editing_type_id == "2":
             fa, fb = foreground(src8) & ~m, foreground(tgt8) & ~m

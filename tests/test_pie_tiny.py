@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdlens.editbench.pie import GRID, load_image, mask_at, read_benchmark
+from sdlens.editbench.pie import GRID, load_image, make_item, mask_at, read_benchmark
 from sdlens.editbench.tiny import TinyMetrics, edit_success, index_of, make_tiny, render_pair, ssim
 
 
@@ -110,3 +110,12 @@ def test_checker_is_an_oracle(bench):
             assert 0 < r["structure_iou"] < 1
         else:
             assert r["structure_iou"] == 1.0 and r["psnr_unedit_part"] == math.inf
+
+
+def test_metrics_refuse_a_non_tiny_item():
+    it = make_item("000000000000", "0_random_140/000000000000.jpg", "a slanted mountain bicycle",
+                   "a slanted [rusty] mountain bicycle", "make it rusty", "0", ("bicycle", "bicycle"),
+                   np.zeros((512, 512), bool))
+    img = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match="PIE-tiny items only"):
+        TinyMetrics()(img, img, it)
