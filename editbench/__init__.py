@@ -1,0 +1,1 @@
+"""PIE-Bench: format reader, metrics and runner."""
