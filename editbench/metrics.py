@@ -12,7 +12,8 @@ Images are HxWx3 uint8 (512x512 in PIE), mask is HxW {0,1} with 1 = edited; "bac
                        5-pixel border, as torchmetrics did before 1.5) and
                        LearnedPerceptualImagePatchSimilarity(net_type='squeeze') on x*2-1 (mc:276, 339).
   clip_similarity_*    torchmetrics CLIPScore(openai/clip-vit-large-patch14) (mc:274) = max(100 cos, 0) on the
-                       uint8 image (mc:297), recomputed with transformers' CLIPModel (see clip_score); the edit part on uint8(image * mask) (mc:295, ev:98).
+                       uint8 image (mc:297), recomputed with transformers' CLIPModel (see clip_score); the
+                       edit part on uint8(image * mask) (mc:295, ev:98).
   NaN                  background metrics are NaN when (1 - mask) is empty (ev:41-59); the edit-part CLIP when
                        mask is empty (ev:95).
 
@@ -27,8 +28,8 @@ mode="faithful" reproduces these exactly, quirks included. mode="corrected" chan
      -10 log10 f dB), SSIM and LPIPS pulled towards 1 and 0. Corrected averages MSE/PSNR over background pixels
      only, SSIM as the mean of the SSIM map over background pixels (the map still from the zeroed images, the
      5-pixel border still cropped), LPIPS as the mean of the spatial LPIPS map over background.
-  4. NaN. PIE writes the string "nan" and its averages silently drop those images. Both modes return NaN under the
-     same rule; `summarize` reports how many each column dropped (in corrected mode the SSIM crop can add NaNs).
+  4. NaN. PIE writes the string "nan" to its CSV (ev:42) and ships no code that averages it, so how those images
+     were dropped is not documented. Both modes return NaN under the same rule; `summarize` reports how many each column dropped (in corrected mode the SSIM crop can add NaNs).
 CLIP is identical in both modes.
 
 Models are never downloaded: each is loaded from a path the caller names; a metric whose path is None is absent.
