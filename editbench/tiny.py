@@ -18,18 +18,16 @@ Design (the format is PIE's; the sizes are the tiny model's):
 - mask = 1 where the edit may change pixels (PIE's convention, README.md:140): the object (colour),
   the union of old and new object (shape), every non-object pixel (background), the new object (add).
 """
-import math
 import random
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..tiny.checker import (MIN_AREA, NAMES, check, classify_shape, foreground, label_pixels, largest_component,
                             mask_iou, object_mask, position_ok)
 from ..tiny.scenes import (BACKGROUNDS, COLORS, POSITION_PHRASE, POSITIONS, SHAPES, SIZE, TEXTURES, Obj, Scene,
                            describe, place, polygon, render)
+from .metrics import background_metrics
 from .pie import GRID, make_item, mask_at, write_benchmark
 
 KINDS = (("1", "change_object"), ("2", "add_object"), ("6", "change_attribute_color"), ("8", "change_background"))
@@ -122,23 +120,6 @@ def index_of(item):
 
 # ---- metrics ----------------------------------------------------------------------------------
 
-def ssim(a, b, data_range=1.0):
-    """torchmetrics' StructuralSimilarityIndexMeasure with its defaults (gaussian kernel 11, sigma 1.5,
-    k1 0.01, k2 0.03; reflect padding by 5; the mean over every pixel and channel), as PIE uses it
-    (matrics_calculator.py:278). a, b: float [H, W, 3] in [0, 1]."""
-    x = torch.stack([torch.as_tensor(np.asarray(v), dtype=torch.float32) for v in (a, b)]).permute(0, 3, 1, 2)
-    g = torch.exp(-0.5 * (torch.arange(11, dtype=torch.float32) - 5) ** 2 / 1.5 ** 2)
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(3, 1, 11, 11)
-    x = F.pad(x, (5, 5, 5, 5), mode="reflect")
-    p, t = x[:1], x[1:]
-    mu_p, mu_t, pp, tt, pt = F.conv2d(torch.cat([p, t, p * p, t * t, p * t]), kernel, groups=3).split(1)
-    var_p, var_t = (pp - mu_p ** 2).clamp(min=0), (tt - mu_t ** 2).clamp(min=0)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * mu_p * mu_t + c1) * (2 * (pt - mu_p * mu_t) + c2)) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
-    return s.mean().item()
-
-
 def parse_prompt(text):
     """A PIE-tiny editing prompt (brackets stripped) -> colours and shapes in order, position, relation, background."""
     w = text.split()
@@ -196,21 +177,17 @@ class TinyMetrics:
     - edit_success: 1.0 if the checker finds what the editing prompt says (colour, shape, position;
       the background colour for type 8; both objects for type 2), else 0.0."""
 
+    def __init__(self, mode: str = "faithful"):
+        if mode not in ("faithful", "corrected"):
+            raise ValueError(f"mode must be 'faithful' or 'corrected', got {mode!r}")
+        self.mode = mode
+
     def __call__(self, src, tgt, item):
-        a = np.asarray(src.convert("RGB") if hasattr(src, "convert") else src, dtype=np.float32) / 255
-        b = np.asarray(tgt.convert("RGB") if hasattr(tgt, "convert") else tgt, dtype=np.float32) / 255
-        if a.shape != b.shape:
-            raise ValueError(f"{item.key}: source {a.shape[:2]} and edited {b.shape[:2]} images differ in size")
-        m = mask_at(item.mask, a.shape[:2])
-        keep = (~m).astype(np.float32)[..., None]
-        out = {}
-        if keep.sum() == 0:
-            out.update(psnr_unedit_part=math.nan, mse_unedit_part=math.nan, ssim_unedit_part=math.nan)
-        else:
-            mse = float(((a * keep - b * keep) ** 2).mean())
-            psnr = 10 * math.log10(1 / mse) if mse > 0 else math.inf  # torchmetrics' PSNR, data_range 1
-            out.update(psnr_unedit_part=psnr, mse_unedit_part=mse, ssim_unedit_part=ssim(a * keep, b * keep))
-        src8, tgt8 = (np.uint8(np.round(x * 255)) for x in (a, b))
+        src8, tgt8 = (np.asarray(x.convert("RGB") if hasattr(x, "convert") else x, dtype=np.uint8) for x in (src, tgt))
+        if src8.shape != tgt8.shape:
+            raise ValueError(f"{item.key}: source {src8.shape[:2]} and edited {tgt8.shape[:2]} images differ in size")
+        m = mask_at(item.mask, src8.shape[:2])
+        out = background_metrics(src8, tgt8, m, self.mode)  # the same code as PIE-Bench's metrics
         if item.editing_type_id == "2":
             fa, fb = foreground(src8) & ~m, foreground(tgt8) & ~m
             out["structure_iou"] = float((fa & fb).sum() / max((fa | fb).sum(), 1))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sdlens.editbench.pie import GRID, load_image, make_item, mask_at, read_benchmark
-from sdlens.editbench.tiny import TinyMetrics, edit_success, index_of, make_tiny, render_pair, ssim
+from sdlens.editbench.tiny import TinyMetrics, edit_success, index_of, make_tiny, render_pair
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_metrics_identical_and_by_hand(bench):
     src = np.asarray(load_image(root, it))
     r = TinyMetrics()(src, src, it)
     assert r["psnr_unedit_part"] == math.inf and r["mse_unedit_part"] == 0.0 and r["structure_iou"] == 1.0
-    assert abs(r["ssim_unedit_part"] - 1) < 1e-4  # float32 E[x^2] - E[x]^2, as torchmetrics (which gives the same)
+    assert abs(r["ssim_unedit_part"] - 1) < 1e-4  # float32 E[x^2] - E[x]^2 (torchmetrics' SSIM)
     m = mask_at(it.mask, (64, 64))
     inside, outside = np.argwhere(m[1:-1, 1:-1])[0] + 1, np.argwhere(~m)[0]
     tgt = src.copy()
@@ -77,22 +77,18 @@ def test_metrics_identical_and_by_hand(bench):
     assert r["psnr_unedit_part"] == pytest.approx(10 * math.log10(64 * 64 * 3 / (d * d)), rel=1e-5)
 
 
-def test_ssim_psnr_match_torchmetrics(bench):
-    tm = pytest.importorskip("torchmetrics.image")
+def test_psnr_matches_torchmetrics(bench):
+    """(SSIM and MSE against independent code: tests/test_pie_metrics.py; TinyMetrics calls the same function.)"""
+    import torchmetrics.image as tm
     root, items = bench
     rng = np.random.default_rng(0)
-    a = rng.random((64, 64, 3)).astype(np.float32)
-    b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1).astype(np.float32)
     _, _, _, src, tgt, _ = render_pair(0, index_of(items[0]))
-    pairs = [(a, b), (np.asarray(src, np.float32) / 255, np.asarray(tgt, np.float32) / 255)]
     t = lambda x: torch.tensor(x).permute(2, 0, 1)[None]
-    for x, y in pairs:
-        want = tm.StructuralSimilarityIndexMeasure(data_range=1.0)(t(x), t(y)).item()
-        assert ssim(x, y) == pytest.approx(want, abs=1e-5)
     it = items[0]  # PSNR of the unedited part: both images times 1 - mask, then torchmetrics' PSNR
     keep = (~mask_at(it.mask, (64, 64)))[..., None].astype(np.float32)
-    noisy = np.uint8(np.clip(np.asarray(src) + rng.normal(0, 12, a.shape), 0, 255))
-    want = tm.PeakSignalNoiseRatio(data_range=1.0)(t(pairs[1][0] * keep), t(noisy / np.float32(255) * keep)).item()
+    noisy = np.uint8(np.clip(np.asarray(src) + rng.normal(0, 12, (64, 64, 3)), 0, 255))
+    want = tm.PeakSignalNoiseRatio(data_range=1.0)(t(np.asarray(src, np.float32) / 255 * keep),
+                                                   t(noisy / np.float32(255) * keep)).item()
     assert TinyMetrics()(src, noisy, it)["psnr_unedit_part"] == pytest.approx(want, rel=1e-5)
 
 
