@@ -113,8 +113,11 @@ class MasaCtrl:
             if len(words) != 2 or not all(isinstance(w, str) for w in words):
                 raise ValueError(f"mask_word must be a word or a (source word, target word) pair, not {mask_word!r}")
             length = sd.text_encoder.cfg.max_positions
-            self.tokens = (word_positions(sd.tokenizer, source_prompt, words[0], length),
-                           word_positions(sd.tokenizer, target_prompt, words[1], length))
+            try:
+                self.tokens = (word_positions(sd.tokenizer, source_prompt, words[0], length),
+                               word_positions(sd.tokenizer, target_prompt, words[1], length))
+            except ValueError as e:
+                raise ValueError(f"mask_word: {e}; give a word of both prompts or a (source word, target word) pair") from None
         if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, numbers.Real) or not 0 <= mask_threshold <= 1:
             raise ValueError(f"mask_threshold must be a number in [0, 1], got {mask_threshold!r}")
         self.threshold = float(mask_threshold)

@@ -1,5 +1,6 @@
 """MasaCtrl: exact behaviour against plain runs and hand computations of the official formulas,
 the layer mapping, real images through every inversion, bad input, and the claim on sdlens-tiny."""
+import os
 import random
 
 import numpy as np
@@ -161,3 +162,65 @@ def test_mask_guided_attention_is_the_official_formula(tiny):
             torch.testing.assert_close(out[t], want, atol=1e-5, rtol=1e-5)
         plain = (torch.einsum("hid,hjd->hij", q[3], k[2]) * q.shape[-1] ** -0.5).softmax(-1) @ v[2]
         assert not torch.allclose(out[3], attn.to_out(plain.permute(1, 0, 2).reshape(q.shape[2], -1)), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ddim", "null-text", "negative-prompt", "direct"])
+def test_real_image_source_row_follows_every_inversion_as_in_p2p(tiny, method):
+    """The source row consumes the Inversion exactly as Prompt-to-Prompt's does (editing/batch.py):
+    P2P with no edit gives the same source image; direct puts it back on the trajectory (z_0)."""
+    from sdlens.tiny.scenes import render, scene_from
+    image = render(scene_from("circle", "red", "big", "left", seed=1), random.Random(1))
+    inv = invert_image(tiny, image, SRC, method, STEPS, progress=False)
+    res = MasaCtrl(tiny, SRC, TGT, steps=STEPS, start_step=1).run(inversion=inv, progress=False)
+    ref = PromptToPrompt(tiny, SRC, [TGT], mode="refine", cross_replace_steps=0.0, self_replace_steps=0.0, steps=STEPS).run(
+        inversion=inv, progress=False)
+    torch.testing.assert_close(res.images[0], ref.images[0], atol=1e-4, rtol=0)
+    assert (res.images[1] - ref.images[1]).abs().max() > 1e-2  # the target was edited
+    if method == "direct":
+        assert torch.equal(res.latents[0], inv.latents[0][0])
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(start_step=-1), "start_step"), (dict(start_step=STEPS + 1), "start_step"), (dict(start_step=1.5), "start_step"),
+    (dict(start_step=True), "start_step"), (dict(start_layer=-1), "start_layer"), (dict(start_layer=12), "start_layer"),
+    (dict(start_layer="10"), "start_layer"), (dict(steps=0), "steps"), (dict(mask_word="dog"), "mask_word"),
+    (dict(mask_word=("circle", "dog")), "mask_word"), (dict(mask_word=["a", "b", "c"]), "mask_word"),
+    (dict(mask_threshold=1.5), "mask_threshold"),
+])
+def test_bad_arguments_name_themselves(tiny, kw, name):
+    kw = {"steps": STEPS, **kw}
+    with pytest.raises(ValueError, match=name):
+        MasaCtrl(tiny, SRC, TGT, **kw)
+
+
+def test_bad_run_arguments(tiny):
+    editor = MasaCtrl(tiny, SRC, TGT, steps=STEPS)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        editor.run(guidance_scale=float("nan"))
+    with pytest.raises(ValueError, match="latents"):
+        editor.run(latents=torch.zeros(3, 4, 16, 16))
+    with pytest.raises(TypeError, match="target_prompt"):
+        MasaCtrl(tiny, SRC, None)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--start-layer", "12"], "start_layer"), (["--start-step", "7"], "--start-step"), (["--start-step", "-1"], "negative"),
+    (["--mask-word", "dog"], "mask_word"), (["--mask-word", "a", "b", "c"], "--mask-word"),
+    (["--image", "missing.png"], "no such file"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, says):
+    out = tmp_path / "out"
+    try:
+        rc = main(["masactrl", "--prompt", SRC, "--target", TGT, "--steps", str(STEPS), "--out", str(out), *argv])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and says in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cli_writes_source_and_edit(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["masactrl", "--prompt", SRC, "--target", TGT, "--steps", "3", "--start-step", "1", "--mask-word",
+                 "circle", "star", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["edit.png", "source.png"]
