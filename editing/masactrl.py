@@ -242,6 +242,20 @@ class MasaCtrl:
         return MasaCtrlResult(sd.decode_latents(x), x, self.last_masks)
 
 
+# For a demo panel on sdlens-tiny: a position edit with no colour word in the target (tests/test_masactrl.py
+# measures the claim over 10 such pairs). `demo(sd)` -> PIL [source, MasaCtrl edit, plain target run].
+DEMO = dict(source_prompt="a big blue triangle in the center", target_prompt="a big triangle on the right", seed=102)
+
+
+def demo(sd, steps=50, **kw):
+    d = {**DEMO, **kw}
+    res = MasaCtrl(sd, d["source_prompt"], d["target_prompt"], steps=steps).run(seed=d["seed"], progress=False)
+    g = torch.randn((1, sd.unet.cfg.in_channels) + tuple(res.latents.shape[-2:]),
+                    generator=torch.Generator().manual_seed(d["seed"]))
+    plain = sd.generate(d["target_prompt"], latents=g, steps=steps, progress=False)[0]
+    return res.pil() + [plain]
+
+
 def mix(q, k, m_src, m_tgt):
     """Official mask-guided attention probabilities for target queries q [r, h, nq, d] against source
     keys k [r, h, nk, d]: softmax over the source's foreground keys (m_src True) for queries where

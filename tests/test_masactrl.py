@@ -276,9 +276,18 @@ def kept(claim_runs, i):
     return masa, plain
 
 
+@pytest.mark.xfail(strict=True, reason="measured false on sdlens-tiny: MasaCtrl 0/10, plain 1/10; a target "
+                   "prompt without a colour word gives tiny's default red whatever the source's colour")
 def test_claim_edited_object_keeps_its_colour(claim_runs):
     """Issue #15: MasaCtrl keeps the object's colour while the prompt changes its shape or position:
-    kept in >= 70% of pairs, and in >= 40% more pairs than the plain run."""
+    kept in >= 70% of pairs, and in >= 40% more pairs than the plain run.
+
+    Decisive run (2026, commit fa0d727, criterion fixed first): FALSE on sdlens-tiny: the edit's
+    object is red (once pink) in 10/10 pairs, the plain run's in 9/10: on this model an object's
+    colour comes from the text through cross-attention, which MasaCtrl leaves to the target prompt.
+    Exploration (seeds 100-103, 20 steps) found the same even with every layer from step 0. The
+    background, which neither prompt names, is kept (next test). strict: a fix that makes it hold
+    must remove this mark."""
     masa, plain = kept(claim_runs, 0)
     n = len(claim_runs)
     assert masa >= 0.7 * n and masa - plain >= 0.4 * n
