@@ -8,8 +8,8 @@ import argparse
 import os
 import sys
 
-from .cli import (Parser, add_model_args, add_sampling_args, check_device, finite, fraction, load_model, positive,
-                  preflight, seed)
+from .cli import (Parser, add_model_args, add_sampling_args, check_device, finite, fraction, load_model, natural,
+                  positive, preflight, seed)
 from .features import cli as features_cli
 from .outputs import Staged, save_image_atomic
 
@@ -58,6 +58,21 @@ def parser():
     q.add_argument("--attention-layers", nargs="+", default=None, help="attn1 modules (default decoder layers 4-11)")
     add_sampling_args(q, "folder for " + ", ".join(PNP_FILES), seed_arg=False)
 
+    m = sub.add_parser("masactrl", help="MasaCtrl: mutual self-attention edit of a generated or real image")
+    add_model_args(m)
+    m.add_argument("--prompt", required=True, help="source prompt (describes --image when one is given)")
+    m.add_argument("--target", required=True, help="edited prompt (a new pose, shape or position)")
+    m.add_argument("--start-step", type=natural, default=4, help="first step with mutual self-attention (official 4 of 50)")
+    m.add_argument("--start-layer", type=natural, default=None,
+                   help="first self-attention layer in execution order (default: the decoder's two finest "
+                        "resolutions, 10 of 16 on SD as the official)")
+    m.add_argument("--mask-word", nargs="+", metavar="WORD", default=None,
+                   help="mask-guided: the object's word, or its word in the source then in the target")
+    m.add_argument("--image", help="edit this real image (centre-cropped, resized) instead of a generated one")
+    m.add_argument("--inversion", default="ddim", choices=("ddim", "null-text", "negative-prompt", "direct"),
+                   help="how --image is inverted (the official code uses DDIM)")
+    add_sampling_args(m, "folder for " + ", ".join(MASACTRL_FILES))
+
     features_cli.add_parser(sub)
 
     d = sub.add_parser("demo", help="a gallery from the bundled sdlens-tiny model")
@@ -75,6 +90,7 @@ def parser():
 
 P2P_FILES = ("source.png", "edit.png", "attention.png", "attention_edit.png", "self_attention.png")
 PNP_FILES = ("guidance.png", "pnp.png")
+MASACTRL_FILES = ("source.png", "edit.png")
 
 
 def cmd_generate(args):
@@ -151,6 +167,26 @@ def cmd_pnp(args):
     print(os.path.abspath(args.out))
 
 
+def cmd_masactrl(args):
+    if args.start_step > args.steps:
+        raise ValueError(f"--start-step {args.start_step} is past --steps {args.steps}; use 0 to {args.steps}")
+    if args.mask_word is not None and len(args.mask_word) > 2:
+        raise ValueError("--mask-word takes one word, or two (the source's word then the target's)")
+    preflight(args, MASACTRL_FILES, [("--image", args.image)] if args.image else [])
+    from .editing import invert_image, load_image
+    from .editing.masactrl import MasaCtrl
+    sd = load_model(args)
+    mask = None if args.mask_word is None else args.mask_word[0] if len(args.mask_word) == 1 else args.mask_word
+    editor = MasaCtrl(sd, args.prompt, args.target, start_step=args.start_step, start_layer=args.start_layer,
+                      steps=args.steps, mask_word=mask)
+    inversion = None
+    if args.image:
+        inversion = invert_image(sd, load_image(args.image, sd=sd), args.prompt, args.inversion, args.steps,
+                                 args.guidance, progress=True)
+    editor.run(guidance_scale=args.guidance, seed=args.seed, inversion=inversion).save(args.out, args.force)
+    print(os.path.abspath(args.out))
+
+
 def cmd_demo(args):
     from .tiny import demo
     args.out, args.force = demo.free_folder(args.out), False
@@ -170,7 +206,7 @@ def cmd_hooks(args):
     print(sd.unet.describe(height // f, width // f))
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "features": features_cli.run,
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "masactrl": cmd_masactrl, "features": features_cli.run,
             "hooks": cmd_hooks}
 
 

@@ -58,6 +58,16 @@ def positive(text):
     return n
 
 
+def natural(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give 0 or more")
+    return n
+
+
 def seed(text):
     try:
         n = int(text)

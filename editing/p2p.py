@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 import math
 
-from ..hooks import StepContext
-from ..schedulers import classifier_free_guidance, sample
+from ..schedulers import sample
 from .attention_store import AttentionStore
+from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
 from .inversion import Inversion
 from .visualize import SavesImages
 from .words import refine_mapper, replace_mapper, token_ids, word_positions
@@ -264,60 +264,20 @@ class PromptToPrompt:
         sd, steps = self.sd, self.steps
         prompts = [self.source] + self.targets
         n = len(prompts)
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
-        if inversion is not None:
-            if inversion.steps != steps:
-                raise ValueError(f"the inversion has {inversion.steps} steps, the edit {steps}; use the same number")
-            x = inversion.latents[-1].expand(n, -1, -1, -1).clone()
-        elif latents is not None:
-            x = latents.expand(n, -1, -1, -1).clone() if latents.shape[0] == 1 else latents
-        else:
-            height, width = sd.check_size(height, width)
-            sd.warn_size(height, width)
-            f = sd.latent_factor
-            g = torch.Generator().manual_seed(seed) if seed is not None else None
-            x = torch.randn((1, sd.unet.cfg.in_channels, height // f, width // f), generator=g).expand(n, -1, -1, -1).clone()
-        x = x.to(sd.device, sd.latent_dtype)
+        check_guidance(guidance_scale)
+        x = start_noise(sd, n, steps=steps, seed=seed, latents=latents, inversion=inversion, height=height, width=width)
         hw = tuple(x.shape[-2:])
-        cond = sd.encode_prompt(prompts)
-        empty = sd.encode_prompt([""] * n)
         store = AttentionStore(sd.unet, hw, max_size=store_size)
         if self.blend is not None and (16, 16) not in store.sizes.values():
             raise ValueError(f"local blend needs 16x16 cross-attention maps (official LocalBlend), and a {hw[0]}x{hw[1]} "
                              f"latent has {sorted(set(store.sizes.values()))}; use a square image of the model's size")
-        tgt = list(range(1, n))
-
-        def uncond_at(step):
-            if inversion is not None and inversion.uncond is not None:
-                return inversion.uncond[step].expand(n, -1, -1)
-            return empty
-
-        def denoise(xt, t, step):
-            u = uncond_at(step)
-            ctx = lambda rows: sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows))
-            edit_rows = {"cond": list(range(n)), "source": [0], "target": tgt}
-            if guidance_scale == 1.0:
-                with ctx(edit_rows):
-                    return sd.unet(xt, t, cond)
-            if low_memory:  # two passes of n rows instead of one of 2n
-                with ctx({"uncond": list(range(n))}):
-                    eu = sd.unet(xt, t, u)
-                with ctx(edit_rows):
-                    ec = sd.unet(xt, t, cond)
-            else:
-                with ctx({"uncond": list(range(n)), "cond": list(range(n, 2 * n)), "source": [n],
-                          "target": [n + i for i in tgt]}):
-                    eu, ec = sd.unet(torch.cat([xt, xt]), t, torch.cat([u, cond])).chunk(2)
-            return classifier_free_guidance(eu, ec, guidance_scale)
+        denoise = batch_denoiser(sd, prompts, steps, guidance_scale, inversion, low_memory)
 
         start_blend = int(self.blend.start_blend * steps) if self.blend is not None else steps
         last_mask = []
 
         def callback(step, t, xt):
-            if inversion is not None and inversion.direct:
-                xt = xt.clone()
-                xt[0] = inversion.source_latent_after(step)[0]  # = adding the per-step offset
+            xt = follow_inversion(inversion, step, xt)
             if self.blend is not None and step >= start_blend and n > 1:
                 maps = store.aggregate(16)
                 mask = self.blend.mask(maps, self.blend_w.to(maps.device), hw, self.blend_th[0])

@@ -1,0 +1,267 @@
+"""MasaCtrl (Cao et al., ICCV 2023): mutual self-attention control for consistent synthesis and
+non-rigid editing. The source and the target prompt are sampled together from the same noise;
+from step `start_step` on, in the self-attention layers from `start_layer` on, the target's
+queries attend to the SOURCE's keys and values, so the target takes the source's content
+(colour, texture, identity) while its own prompt sets the layout (pose, shape, position).
+
+Facts from the official code (TencentARC/MasaCtrl @ d0ba16b, masactrl/masactrl.py, masactrl_utils.py):
+- Layers are counted over attention calls in execution order: `cur_att_layer` counts every
+  attention module call of a UNet call (masactrl_utils.py:23-30, the count is reset after
+  `num_att_layers` = all attn1 + attn2 modules, :144), and the test is `cur_att_layer // 2 in
+  layer_idx` (masactrl.py:60): each transformer block calls attn1 then attn2, so `// 2` is the
+  index of the transformer block = of its self-attention layer, in execution order, over all 16
+  of SD (6 down, 1 mid, 9 up; MODEL_TYPE "SD": 16, masactrl.py:15-18). `layer_idx = range(
+  start_layer, 16)` (:36); start_layer 10 (playground.ipynb, both gradio apps) = layers 10-15 =
+  the decoder's self-attention at its two finest resolutions (SD 512: 32x32 and 64x64 maps).
+- Steps: `step_idx = range(start_step, total_steps)` with total_steps = 50 whatever the sampler's
+  steps (:20, :37; the gradio apps pass only start_step and start_layer): from step start_step to
+  the end. start_step 4 (playground.ipynb, gradio defaults). cur_step counts UNet calls, one per
+  sampling step with guidance (diffuser_utils.py:169-189), steps counted from 0 at x_T.
+- The batch is [uncond source, uncond target, cond source, cond target] (diffuser_utils.py:161,
+  :177); each half is handled alike: `qu, qc = q.chunk(2)` and the queries of the half attend to
+  `ku[:num_heads], vu[:num_heads]`, the source row's keys and values (masactrl.py:63-70). The
+  source row's queries meet its own keys and values, so the source is not edited; each target
+  half attends to the matching source half. Attention is the plain softmax(q k^T scale) v, scale =
+  head_dim^-0.5, per head (:45-54), which is exactly what SDPA computes once the target's k, v are
+  the source's: so here `hook_k` and `hook_v` of attn1 take the source row's values for the
+  target rows, and attention keeps the fast path.
+- Mask-guided (MutualSelfAttentionControlMaskAuto, masactrl.py:196-334): during each UNet call the
+  cross-attention probabilities of maps with 16 x 16 queries are kept, averaged over heads (:279-280),
+  and dropped after the step (:227-229). At an edited layer, if any were kept so far in this call,
+  their mean over layers, summed over the word's tokens (ref_token_idx / cur_token_idx, default
+  [1]) and min-max normalised per image (:260-271), gives the source's map (row -2: cond source)
+  and the target's (row -1: cond target) (:300-301, :312-313); nearest-resized to the layer
+  (:303, :315) and cut at `thres` = 0.1 (>= thres is 1; :197, :244-247, :321-323). The target
+  queries then attend twice, to the source's foreground keys only and to its background keys only
+  (sim + finfo.min outside, :248-250), and the target's own mask picks per query: out = fg M_t +
+  bg (1 - M_t) (:324-328), for both halves. Here that mix is applied to the probabilities at
+  `hook_probs` (the same, since out = P v is linear in P); it makes those layers use the explicit
+  attention path.
+"""
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..schedulers import sample
+from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
+from .inversion import Inversion
+from .visualize import SavesImages
+from .words import word_positions
+
+MASK_SIZE = 16  # the official mask is made from maps with 16 x 16 queries (masactrl.py:279)
+THRESHOLD = 0.1  # official `thres` (masactrl.py:197)
+
+
+def self_attention_layers(sd):
+    """The attn1 modules in execution order. `hook_names` lists points in module order, which for
+    this UNet (input_blocks, middle_block, output_blocks, each block's transformer after its
+    ResBlock) is the order the forward pass calls them; tests/test_masactrl.py checks it."""
+    return [sd.unet.hook_info(n).module for n in sd.unet.hook_names(kind="self_attention", point="k")]
+
+
+def default_start_layer(sd):
+    """The official choice transferred to any UNet: the first self-attention layer of the decoder's
+    two finest resolutions (levels 0 and 1). SD: 10 of 16, the official number; sdlens-tiny: 5 of 11."""
+    infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(kind="self_attention", point="k")]
+    return next(i for i, info in enumerate(infos) if info.place == "up" and info.level <= 1)
+
+
+def _int(name, value, lo, hi, what=""):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be a whole number from {lo} to {hi}{what}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class MasaCtrlResult(SavesImages):
+    """`.pil()`: [source, edit] as PIL; `.save(folder)`: source.png, edit.png (all or none)."""
+    images: torch.Tensor  # [2, 3, H, W] in [0,1]: the source, then the edit
+    latents: torch.Tensor  # [2, C, h, w] final latents
+    masks: Optional[torch.Tensor] = None  # mask-guided: the last [2, 16, 16] maps (source, target) in [0, 1]
+
+    def image_names(self, n):
+        return ["source.png", "edit.png"]
+
+
+class MasaCtrl:
+    def __init__(self, sd, source_prompt: str, target_prompt: str, *, start_step=4, start_layer=None, steps=50,
+                 mask_word: Union[None, str, Sequence[str]] = None, mask_threshold=THRESHOLD):
+        """`start_step`: the first sampling step with mutual attention (0 .. steps; steps: none;
+        official 4 of 50). `start_layer`: the first self-attention layer, counted in execution order
+        over `self_attention_layers(sd)` (0 .. their count; the count: none). None: the decoder's two
+        finest resolutions, `default_start_layer` (SD: 10, the official; sdlens-tiny: 5).
+        `mask_word`: mask-guided MasaCtrl; a word of both prompts, or (source word, target word),
+        e.g. ("circle", "star"). `mask_threshold`: the cut of the normalised maps (official 0.1)."""
+        for name, p in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
+            if not isinstance(p, str):
+                raise TypeError(f"{name} must be a string, not {type(p).__name__}")
+        self.steps = _int("steps", steps, 1, sd.scheduler.num_train_timesteps - sd.scheduler.steps_offset)
+        self.start_step = _int("start_step", start_step, 0, steps, f" ({steps}: no step edited)")
+        self.layers = self_attention_layers(sd)
+        n = len(self.layers)
+        start_layer = default_start_layer(sd) if start_layer is None else start_layer
+        self.start_layer = _int("start_layer", start_layer, 0, n,
+                                f" (this UNet has {n} self-attention layers; {n}: no layer edited)")
+        self.sd, self.source, self.target = sd, source_prompt, target_prompt
+        self.tokens = None
+        if mask_word is not None:
+            words = (mask_word, mask_word) if isinstance(mask_word, str) else tuple(mask_word)
+            if len(words) != 2 or not all(isinstance(w, str) for w in words):
+                raise ValueError(f"mask_word must be a word or a (source word, target word) pair, not {mask_word!r}")
+            length = sd.text_encoder.cfg.max_positions
+            try:
+                self.tokens = (word_positions(sd.tokenizer, source_prompt, words[0], length),
+                               word_positions(sd.tokenizer, target_prompt, words[1], length))
+            except ValueError as e:
+                raise ValueError(f"mask_word: {e}; give a word of both prompts or a (source word, target word) pair") from None
+        if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, numbers.Real) or not 0 <= mask_threshold <= 1:
+            raise ValueError(f"mask_threshold must be a number in [0, 1], got {mask_threshold!r}")
+        self.threshold = float(mask_threshold)
+        self.maps, self.maps_step, self.last_masks = [], None, None
+
+    # ---- the hooks ----
+    @staticmethod
+    def pairs(rows):
+        """[(source row, target rows)] for each half present: "uncond" and "cond" list the rows prompt
+        by prompt (editing/batch.py), so the source's index in "cond" finds it in "uncond" too."""
+        cond = rows["cond"]
+        i_src, i_tgt = cond.index(rows["source"][0]), [cond.index(r) for r in rows["target"]]
+        return [(g[i_src], [g[i] for i in i_tgt]) for g in (rows.get("uncond"), cond) if g]
+
+    def active(self, ctx):
+        return ctx is not None and ctx.step >= self.start_step and bool(ctx.rows.get("target"))
+
+    def swap(self, x, hook):
+        """k or v [b, heads, n, d]: the target rows take their source row's."""
+        if not self.active(hook.ctx):
+            return None
+        out = x.clone()
+        for s, ts in self.pairs(hook.ctx.rows):
+            out[ts] = x[s]
+        return out
+
+    def keep_cross(self, probs, hook):
+        """Cross-attention probs [b, heads, q, 77] of maps with 16 x 16 queries: mean over heads,
+        kept for the current UNet call (official: per step, one call per step)."""
+        ctx = hook.ctx
+        if ctx is None or probs.shape[-2] != MASK_SIZE * MASK_SIZE or "cond" not in ctx.rows:
+            return None
+        if self.maps_step != ctx.step:
+            self.maps, self.maps_step = [], ctx.step
+        self.maps.append(probs.float().mean(1))
+        return None
+
+    def word_maps(self, rows):
+        """[2, 16, 16]: the source's map of its word and the target's of its word, each min-max normalised."""
+        m = torch.stack(self.maps).mean(0).reshape(-1, MASK_SIZE, MASK_SIZE, self.maps[0].shape[-1])
+        src, tgt = rows["source"][0], rows["target"][0]
+        out = torch.stack([m[src][..., self.tokens[0]].sum(-1), m[tgt][..., self.tokens[1]].sum(-1)])
+        lo, hi = out.flatten(1).min(1).values, out.flatten(1).max(1).values
+        return (out - lo[:, None, None]) / (hi - lo)[:, None, None]
+
+    def masked(self, probs, hook, q_store):
+        """At an edited layer's hook_probs: the target rows' foreground / background mix."""
+        ctx = hook.ctx
+        if not self.active(ctx) or self.maps_step != ctx.step or not self.maps:
+            return None  # official: no 16x16 cross-attention map yet in this step -> plain mutual attention
+        q, k = q_store  # this layer's queries and (already swapped) keys
+        size = self.layer_size(hook, probs.shape[-2])
+        maps = self.word_maps(ctx.rows)
+        self.last_masks = maps
+        m = F.interpolate(maps[:, None], size=size).flatten(1) >= self.threshold  # [2, hw]
+        m_src, m_tgt = m[0], m[1].to(torch.float32)[:, None]  # keys; queries
+        out = probs.clone()
+        for s, ts in self.pairs(ctx.rows):
+            out[ts] = mix(q[ts].float(), k[ts].float(), m_src, m_tgt).to(probs.dtype)
+        return out
+
+    def layer_size(self, hook, n):
+        f = self.sd.unet.hook_info(hook.name).downscale
+        size = (math.ceil(self.hw[0] / f), math.ceil(self.hw[1] / f))
+        assert size[0] * size[1] == n, (size, n)
+        return size
+
+    @staticmethod
+    def keeping(store, point, fn):
+        def keep(x, hook):
+            out = fn(x, hook) if fn is not None else None
+            store[point] = x if out is None else out
+            return out
+        return keep
+
+    def hooks(self):
+        names = {}
+        for point in ("q", "k", "v", "probs"):
+            for n in self.sd.unet.hook_names(kind="self_attention", point=point):
+                names.setdefault(self.sd.unet.hook_info(n).module, {})[point] = n
+        hooks = {}
+        for module in self.layers[self.start_layer:]:
+            at = names[module]
+            hooks[at["k"]] = hooks[at["v"]] = self.swap
+            if self.tokens is not None:  # keep q and the swapped k for the masked softmax at hook_probs
+                qk = {}
+                hooks[at["q"]] = self.keeping(qk, "q", None)
+                hooks[at["k"]] = self.keeping(qk, "k", self.swap)
+                hooks[at["probs"]] = lambda p, hook, qk=qk: self.masked(p, hook, (qk["q"], qk["k"]))
+        if self.tokens is not None:
+            for n in self.sd.unet.hook_names(kind="cross_attention", point="probs"):
+                hooks[n] = self.keep_cross
+        return hooks
+
+    # ---- sampling ----
+    @torch.no_grad()
+    def run(self, guidance_scale=7.5, seed=None, inversion: Optional[Inversion] = None, latents=None,
+            height=None, width=None, progress=True) -> MasaCtrlResult:
+        """Sample the source and the target together from the same noise -> MasaCtrlResult.
+
+        The noise is `inversion.latents[-1]` (a real image: `invert_image(sd, image, source_prompt,
+        method, steps)` with any method; the source row follows it as in Prompt-to-Prompt), else
+        `latents` ([1 or 2, C, h, w]), else drawn from `seed` (int, or None for fresh noise) at
+        `height` x `width`. `guidance_scale`: w (official 7.5; 1 turns guidance off).
+        `progress`: a tqdm bar on stderr."""
+        sd = self.sd
+        check_guidance(guidance_scale)
+        prompts = [self.source, self.target]
+        x = start_noise(sd, 2, steps=self.steps, seed=seed, latents=latents, inversion=inversion, height=height,
+                        width=width)
+        self.hw = tuple(x.shape[-2:])
+        if self.tokens is not None and not any(
+                math.ceil(self.hw[0] / sd.unet.hook_info(n).downscale) * math.ceil(self.hw[1] / sd.unet.hook_info(n).downscale)
+                == MASK_SIZE ** 2 for n in sd.unet.hook_names(kind="cross_attention", point="probs")):
+            raise ValueError(f"mask_word needs cross-attention maps of 16x16 queries (official), and a "
+                             f"{self.hw[0]}x{self.hw[1]} latent has none; use a square image of the model's size")
+        denoise = batch_denoiser(sd, prompts, self.steps, guidance_scale, inversion)
+        self.maps, self.maps_step, self.last_masks = [], None, None
+        with sd.unet.hooks(self.hooks()):
+            x = sample(denoise, x, sd.scheduler, self.steps, progress=progress,
+                       callback=lambda step, t, xt: follow_inversion(inversion, step, xt))
+        return MasaCtrlResult(sd.decode_latents(x), x, self.last_masks)
+
+
+# For a demo panel on sdlens-tiny: a position edit with no colour word in the target (tests/test_masactrl.py
+# measures the claim over 10 such pairs). `demo(sd)` -> PIL [source, MasaCtrl edit, plain target run].
+DEMO = dict(source_prompt="a big blue triangle in the center", target_prompt="a big triangle on the right", seed=102)
+
+
+def demo(sd, steps=50, **kw):
+    d = {**DEMO, **kw}
+    res = MasaCtrl(sd, d["source_prompt"], d["target_prompt"], steps=steps).run(seed=d["seed"], progress=False)
+    g = torch.randn((1, sd.unet.cfg.in_channels) + tuple(res.latents.shape[-2:]),
+                    generator=torch.Generator().manual_seed(d["seed"]))
+    plain = sd.generate(d["target_prompt"], latents=g, steps=steps, progress=False)[0]
+    return res.pil() + [plain]
+
+
+def mix(q, k, m_src, m_tgt):
+    """Official mask-guided attention probabilities for target queries q [r, h, nq, d] against source
+    keys k [r, h, nk, d]: softmax over the source's foreground keys (m_src True) for queries where
+    m_tgt is 1, over its background keys elsewhere (masactrl.py:241-257, :324-328, as probabilities)."""
+    sim = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    low = torch.finfo(sim.dtype).min
+    fg = (sim + torch.where(m_src, 1.0, low)).softmax(-1)  # the official biases: mask.masked_fill(mask == 0, min)
+    bg = (sim + torch.where(m_src, low, 0.0)).softmax(-1)  # and mask.masked_fill(mask == 1, min)
+    return fg * m_tgt + bg * (1 - m_tgt)
