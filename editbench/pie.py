@@ -1,0 +1,196 @@
+"""PIE-Bench's on-disk format (Ju et al. 2024, "PnP Inversion"; github.com/cure-lab/PnPInversion).
+
+    ROOT/mapping_file.json                 {key: entry, ...}, read in the file's key order
+    ROOT/annotation_images/<image_path>    the source image (PIE-Bench: 512x512 .jpg)
+
+An entry (README.md:131-141; read by run_editing_p2p.py:99-112 and evaluation/evaluate.py:246-258):
+    image_path           str, relative to annotation_images/ ("0_random_140/000000000000.jpg")
+    original_prompt      str, words that differ from editing_prompt in [] (brackets stripped on read)
+    editing_prompt       str, edited words in []
+    editing_instruction  str, an InstructPix2Pix-style instruction
+    editing_type_id      str "0".."9" (the runners compare it with strings: run_editing_p2p.py:104)
+    blended_word         str "source_word target_word", or "" (run_editing_p2p.py:111 splits on " ")
+    mask                 flat list [start, length, start, length, ...]: runs of 1s in the row-major
+                         512x512 grid, 1 = the region to edit (README.md:140); `mask_decode`
+                         (evaluate.py:9-25) clips a run at the end and forces the 1-pixel border to 1.
+The background metrics use 1 - mask (evaluate.py:40-59).
+"""
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+GRID = (512, 512)  # mask_decode's default image_shape (evaluate.py:9)
+FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
+          "blended_word", "mask")
+TYPES = {"0": "random", "1": "change object", "2": "add object", "3": "delete object",
+         "4": "change attribute content", "5": "change attribute pose", "6": "change attribute color",
+         "7": "change attribute material", "8": "change background", "9": "change style"}  # README.md:109-118
+
+
+@dataclass
+class Item:
+    key: str
+    image_path: str  # relative to ROOT/annotation_images
+    original_prompt: str  # brackets stripped
+    editing_prompt: str  # brackets stripped
+    edited_words: Tuple[str, ...]  # the words inside [] in the raw editing_prompt
+    editing_instruction: str
+    editing_type_id: str
+    blended_word: Optional[Tuple[str, ...]]  # None where the file has ""
+    mask: np.ndarray  # bool [512, 512], decoded exactly as mask_decode
+    raw: dict  # the entry as it is in mapping_file.json
+
+
+def strip_brackets(prompt):
+    return prompt.replace("[", "").replace("]", "")  # run_editing_p2p.py:107-108, evaluate.py:255-256
+
+
+def bracketed(prompt):
+    """The words inside [] ("a [red] [big] cat" -> ("red", "big"))."""
+    out, rest = [], prompt
+    while "[" in rest and "]" in rest.split("[", 1)[1]:
+        inside, rest = rest.split("[", 1)[1].split("]", 1)
+        out.extend(inside.split())
+    return tuple(out)
+
+
+def decode_mask(rle, shape=GRID):
+    """mask_decode (evaluate.py:9-25), vectorised: runs clipped at the end, border forced to 1."""
+    n = shape[0] * shape[1]
+    flat = np.zeros(n + 1, dtype=np.int32)  # a difference array: +1 at a run's start, -1 after its end
+    starts = np.asarray(rle[0::2], dtype=np.int64)
+    ends = np.minimum(starts + np.asarray(rle[1::2], dtype=np.int64), n)
+    keep = starts < ends  # mask_decode's range() of a non-positive splice_len does nothing
+    np.add.at(flat, starts[keep], 1)
+    np.add.at(flat, ends[keep], -1)
+    mask = (np.cumsum(flat[:n]) > 0).reshape(shape)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = True  # "to avoid annotation errors in boundary"
+    return mask
+
+
+def encode_mask(mask):
+    """Runs of True in the row-major flattened mask -> [start, length, ...] (plain ints, for json).
+    decode_mask(encode_mask(m)) == m with the border set to 1."""
+    flat = np.concatenate([[False], np.asarray(mask, dtype=bool).ravel(), [False]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1])  # alternating run starts and ends
+    starts, ends = edges[0::2], edges[1::2]
+    return [int(v) for pair in zip(starts, ends - starts) for v in pair]
+
+
+def mask_at(mask, size):
+    """A 512x512 mask on an image of `size` (h, w) pixels: a pixel is marked if any of the grid cells
+    it covers is (max-pooling; exact where the mask was nearest-upsampled from that size, and the
+    forced border becomes the image's 1-pixel border). Identity at 512x512."""
+    h, w = size
+    gh, gw = mask.shape
+    if gh % h or gw % w:
+        raise ValueError(f"mask_at: image size {h}x{w} must divide the mask grid {gh}x{gw}")
+    return mask.reshape(h, gh // h, w, gw // w).any(axis=(1, 3))
+
+
+def _bad(path, key, what):
+    return ValueError(f"{path}: entry {key!r}: {what}")
+
+
+def parse_entry(key, raw, path="mapping_file.json", root=None):
+    """One entry -> Item, or a one-line ValueError naming the file and key."""
+    if not isinstance(raw, dict):
+        raise _bad(path, key, f"is a {type(raw).__name__}, not an object with fields {', '.join(FIELDS)}")
+    missing = [f for f in FIELDS if f not in raw]
+    if missing:
+        raise _bad(path, key, f"missing field(s) {', '.join(missing)}")
+    for f in FIELDS[:-1]:
+        if not isinstance(raw[f], str):
+            raise _bad(path, key, f"{f} must be a string, got {type(raw[f]).__name__} {raw[f]!r}")
+    if raw["editing_type_id"] not in TYPES:
+        raise _bad(path, key, f"editing_type_id must be one of \"0\"..\"9\", got {raw['editing_type_id']!r}")
+    rle = raw["mask"]
+    if not isinstance(rle, list) or len(rle) % 2 or not all(type(v) is int and v >= 0 for v in rle):
+        raise _bad(path, key, "mask must be a flat list of non-negative integers [start, length, ...] "
+                              "of even length (PIE-Bench's run-length encoding)")
+    if root is not None and not os.path.isfile(os.path.join(root, "annotation_images", raw["image_path"])):
+        raise _bad(path, key, f"image annotation_images/{raw['image_path']} not found under {root}")
+    words = tuple(raw["blended_word"].split(" ")) if raw["blended_word"] != "" else None  # run_editing_p2p.py:111
+    return Item(key=key, image_path=raw["image_path"], original_prompt=strip_brackets(raw["original_prompt"]),
+                editing_prompt=strip_brackets(raw["editing_prompt"]), edited_words=bracketed(raw["editing_prompt"]),
+                editing_instruction=raw["editing_instruction"], editing_type_id=raw["editing_type_id"],
+                blended_word=words, mask=decode_mask(rle), raw=raw)
+
+
+def make_item(key, image_path, original_prompt, editing_prompt, editing_instruction, editing_type_id,
+              blended_word, mask):
+    """An Item built the way read_benchmark would read it back (`mask`: bool [512, 512])."""
+    raw = {"image_path": image_path, "original_prompt": original_prompt, "editing_prompt": editing_prompt,
+           "editing_instruction": editing_instruction, "editing_type_id": str(editing_type_id),
+           "blended_word": " ".join(blended_word or ()), "mask": encode_mask(mask)}
+    return parse_entry(key, raw)
+
+
+def read_benchmark(root, limit=None) -> List[Item]:
+    """All entries of ROOT/mapping_file.json, in the file's key order (the official scripts iterate
+    `json.load(f).items()`: run_editing_p2p.py:102, evaluate.py:249), every one checked (fields,
+    mask, image present) before any is returned."""
+    path = os.path.join(root, "mapping_file.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{root}: no mapping_file.json (a PIE-Bench folder has mapping_file.json and annotation_images/)")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must hold an object {{key: entry}}, got a {type(data).__name__}")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    items = [parse_entry(k, v, path, root) for k, v in data.items()]
+    return items[:limit] if limit is not None else items
+
+
+def load_image(root, item) -> Image.Image:
+    return Image.open(os.path.join(root, "annotation_images", item.image_path)).convert("RGB")
+
+
+def write_benchmark(root, items_with_images, force=False):
+    """Write [(Item, PIL image), ...] as a PIE-Bench folder: mapping_file.json (each Item's `raw`,
+    keys in the given order) and annotation_images/<image_path>. All or none: everything is written
+    to a hidden sibling folder that is renamed into place. An existing non-empty `root` is refused
+    unless force=True (then it is replaced)."""
+    root = os.path.abspath(root)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"{root} is a file; write_benchmark wants a folder")
+    if os.path.isdir(root) and os.listdir(root) and not force:
+        raise ValueError(f"{root} exists and is not empty; pass force=True (--force) to replace it")
+    pairs = list(items_with_images)
+    keys = [it.key for it, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("write_benchmark: keys must be unique")
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(root)}.{os.urandom(4).hex()}.tmp")
+    try:
+        for it, img in pairs:
+            out = os.path.join(tmp, "annotation_images", it.image_path)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            img.save(out)  # the format follows the extension (.png: lossless)
+        with open(os.path.join(tmp, "mapping_file.json"), "w") as f:
+            json.dump({it.key: it.raw for it, _ in pairs}, f)
+        old = tmp + ".old"
+        if os.path.isdir(root):
+            os.replace(root, old)  # empty, or force=True; kept until the new folder is in place
+        try:
+            os.replace(tmp, root)
+        except BaseException:
+            if os.path.isdir(old):
+                os.replace(old, root)
+            raise
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    return root
