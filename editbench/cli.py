@@ -93,12 +93,12 @@ def cmd_edit_bench(args):
         raise ValueError("edit-bench needs --data DIR and --out FILE.csv (or --make-tiny DIR)")
     methods = bench.check_methods(args.methods)
     from ..cli import check_device
-    from .pie import read_items
+    from .pie import read_benchmark
     check_device(args.device)
     check_target(args.out)
     if os.path.exists(args.out) and not args.force:
         raise ValueError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
-    items = read_items(args.data)[:args.limit]  # every annotation and image checked before the model loads
+    items = read_benchmark(args.data, args.limit)  # every annotation and image checked before the model loads
     kind, metrics = make_metrics(args, items)
     rank, world, local = distributed()
     if world > 1:
@@ -130,8 +130,8 @@ def finish(args, items, methods, kind, metrics, rank, world):
     for path in logs(args.out):  # any earlier run's rows, whatever its number of processes
         done.update(read_log(path, settings))
     barrier(world)  # every rank has read the logs before any rewrites its own
-    ids = {it.id for it in items}
-    mine = {it.id for i, it in enumerate(items) if i % world == rank}
+    ids = {it.key for it in items}
+    mine = {it.key for i, it in enumerate(items) if i % world == rank}
     log_path = partial_path(args.out, rank if world > 1 else None)
     if rank == 0:
         for path in logs(args.out):  # the logs of other layouts: their rows are in `done`, re-logged below
@@ -151,7 +151,7 @@ def finish(args, items, methods, kind, metrics, rank, world):
             if made[0] == stop:
                 raise KeyboardInterrupt
 
-        rows = bench.run_bench(sd, items, methods, metrics, done=done, on_row=on_row, rank=rank, world=world,
+        rows = bench.run_bench(sd, args.data, items, methods, metrics, done=done, on_row=on_row, rank=rank, world=world,
                                steps=args.steps, guidance=args.guidance, mode=args.mode)
     barrier(world)  # every rank's log is complete
     if rank != 0:
@@ -160,7 +160,7 @@ def finish(args, items, methods, kind, metrics, rank, world):
         got = {}
         for r in range(world):
             got.update(read_log(partial_path(args.out, r), settings))
-        rows = [got[it.id, m] for it in items for m in methods]  # the single-process order
+        rows = [got[it.key, m] for it in items for m in methods]  # the single-process order
     with Staged(os.path.dirname(os.path.abspath(args.out)), args.force) as out:
         out.save(Text(bench.csv_text(rows)), os.path.basename(args.out))
     for path in logs(args.out):

@@ -26,6 +26,8 @@ accident: P2P replaces words when the prompts have the same number of words (ref
 blend words match ignoring case and punctuation (the official match is exact, and a missing word
 silently blends nothing), and ddim+pnp's source row is read at the step it belongs to.
 """
+import os
+
 import torch
 
 INVERSIONS = ("ddim", "null-text", "negative-prompt", "direct")
@@ -128,18 +130,18 @@ def edit_item(sd, item, image, method, steps=50, guidance=7.5, mode="faithful", 
         raise ValueError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
     cache = {} if cache is None else cache
     inv_method, editor = method.split("+")
-    src, tgt, faithful = item.source_prompt, item.target_prompt, mode == "faithful"
+    src, tgt, faithful = item.original_prompt, item.editing_prompt, mode == "faithful"
     if editor == "p2p":
         inv = inversion(sd, image, src, inv_method, steps, guidance, cache)
-        return edit_p2p(sd, src, tgt, item.blended_words, inv, steps, guidance, faithful)
+        return edit_p2p(sd, src, tgt, item.blended_word or (), inv, steps, guidance, faithful)
     if editor == "pnp":
         return edit_pnp(sd, src, tgt, latents(sd, image, src, steps, cache), inv_method, steps, guidance, faithful)
     return edit_masactrl(sd, tgt, image, inv_method, steps, guidance, cache)
 
 
-def run_bench(sd, items, methods, metrics, done=None, on_row=None, rank=0, world=1, progress=True, steps=50,
+def run_bench(sd, data, items, methods, metrics, done=None, on_row=None, rank=0, world=1, progress=True, steps=50,
               guidance=7.5, mode="faithful"):
-    """Rows {item, method, metric...} of this rank's items (index i with i % world == rank), in item
+    """Rows {item, method, metric...} of this rank's PIE items (`pie.Item`s of the folder `data`) (index i with i % world == rank), in item
     order, then method order. `done`: {(item id, method): row} already computed, returned as they
     are. `on_row(row)` is called as each new row is made. `metrics(item, source, edited)` -> dict."""
     from ..editing import load_image
@@ -151,16 +153,17 @@ def run_bench(sd, items, methods, metrics, done=None, on_row=None, rank=0, world
         bar = tqdm(total=len(mine), desc="edit-bench" + (f" rank {rank}/{world}" if world > 1 else ""), unit="image")
     rows = []
     for item in mine:
-        todo = [m for m in methods if (item.id, m) not in done]
-        image, cache = (load_image(item.image, sd=sd), {}) if todo else (None, None)
+        todo = [m for m in methods if (item.key, m) not in done]
+        path = os.path.join(data, "annotation_images", item.image_path)
+        image, cache = (load_image(path, sd=sd), {}) if todo else (None, None)  # centre-cropped, resized
         for m in methods:
             if m not in todo:
-                rows.append(done[item.id, m])
+                rows.append(done[item.key, m])
                 continue
             if bar is not None:
-                bar.set_postfix_str(f"{item.id} {m}")
+                bar.set_postfix_str(f"{item.key} {m}")
             edited = edit_item(sd, item, image, m, steps, guidance, mode, cache)
-            row = {"item": item.id, "method": m, **{k: float(v) for k, v in metrics(item, image, edited).items()}}
+            row = {"item": item.key, "method": m, **{k: float(v) for k, v in metrics(item, image, edited).items()}}
             rows.append(row)
             if on_row is not None:
                 on_row(row)

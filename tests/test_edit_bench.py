@@ -50,7 +50,7 @@ def test_official_decisions(sd, monkeypatch):
             super().__init__(*a, **k)
 
     monkeypatch.setattr(editing, "PromptToPrompt", Spy)
-    item = NS(id="x", source_prompt="a Cat, sitting", target_prompt="a dog, sitting", blended_words=["cat", "dog"])
+    item = NS(key="x", original_prompt="a Cat, sitting", editing_prompt="a dog, sitting", blended_word=("cat", "dog"))
     image = torch.rand(1, 3, 64, 64)
     for mode in bench.MODES:
         bench.edit_item(sd, item, image, "ddim+p2p", steps=3, mode=mode)
@@ -68,7 +68,7 @@ def test_pnp_source_rows(sd, monkeypatch):
     import sdlens.editing.pnp as pnp
     seen = {}
     monkeypatch.setattr(pnp, "translate", lambda sd, image, prompt, **k: seen.update(k) or NS(pil=lambda: [None]))
-    item = NS(id="x", source_prompt="a cat", target_prompt="a dog", blended_words=[])
+    item = NS(key="x", original_prompt="a cat", editing_prompt="a dog", blended_word=None)
     image, n = torch.rand(1, 3, 64, 64), 4
     zs = bench.latents(sd, image, "a cat", n, {})
     rec = bench.reconstruction(sd, zs, "a cat", n)
@@ -90,9 +90,10 @@ def test_shards_and_shared_inversions(sd, monkeypatch):
     orig = inversion.ddim_latents
     monkeypatch.setattr(inversion, "ddim_latents", lambda *a, **k: calls.append(a[2]) or orig(*a, **k))
     monkeypatch.setattr(sdlens.editing, "load_image", lambda path, sd=None: torch.rand(1, 3, 64, 64))
-    items = [NS(id=str(i), image=None, source_prompt="a cat", target_prompt="a dog", blended_words=[]) for i in range(5)]
+    items = [NS(key=str(i), image_path="x.png", original_prompt="a cat", editing_prompt="a dog", blended_word=None)
+             for i in range(5)]
     metric = lambda item, src, out: {"psnr_unedit_part": 1.0}
-    rows = bench.run_bench(sd, items, ["ddim+p2p", "direct+p2p", "direct+pnp"], metric, rank=1, world=2, steps=2,
+    rows = bench.run_bench(sd, "data", items, ["ddim+p2p", "direct+p2p", "direct+pnp"], metric, rank=1, world=2, steps=2,
                            progress=False)
     assert [(r["item"], r["method"]) for r in rows] == [(i, m) for i in "13" for m in ("ddim+p2p", "direct+p2p", "direct+pnp")]
     assert calls == ["a cat", "a cat"]  # one inversion per item
@@ -123,8 +124,8 @@ def test_rows_in_order_and_resume(data, tmp_path, monkeypatch):
     full = str(tmp_path / "full.csv")
     assert main(args(data, full)) == 0
     lines = read(full).decode().splitlines()
-    from sdlens.editbench.pie import read_items
-    ids = [it.id for it in read_items(data)[:3]]
+    from sdlens.editbench.pie import read_benchmark
+    ids = [it.key for it in read_benchmark(data, 3)]
     assert [tuple(l.split(",")[:2]) for l in lines[1:]] == [(i, m) for i in ids for m in METHODS.split(",")]
 
     out = str(tmp_path / "r.csv")
