@@ -135,9 +135,12 @@ def read_benchmark(root, limit=None) -> List[Item]:
     """All entries of ROOT/mapping_file.json, in the file's key order (the official scripts iterate
     `json.load(f).items()`: run_editing_p2p.py:102, evaluate.py:249), every one checked (fields,
     mask, image present) before any is returned."""
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     path = os.path.join(root, "mapping_file.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{root}: no mapping_file.json (a PIE-Bench folder has mapping_file.json and annotation_images/)")
+        raise ValueError(f"{root}: no mapping_file.json (a PIE-Bench folder holds mapping_file.json and "
+                         f"annotation_images/)")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -145,8 +148,6 @@ def read_benchmark(root, limit=None) -> List[Item]:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: must hold an object {{key: entry}}, got a {type(data).__name__}")
-    if limit is not None and (type(limit) is not int or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     items = [parse_entry(k, v, path, root) for k, v in data.items()]
     return items[:limit] if limit is not None else items
 
