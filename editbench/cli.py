@@ -62,7 +62,8 @@ def read_log(path, settings):
 
 
 def logs(out):
-    return [partial_path(out)] + sorted(glob.glob(glob.escape(partial_path(out))[:-len(".partial")] + ".rank*.partial"))
+    ranks = sorted(glob.glob(glob.escape(partial_path(out))[:-len(".partial")] + ".rank*.partial"))
+    return [p for p in [partial_path(out)] + ranks if os.path.isfile(p)]
 
 
 def distributed():
@@ -71,8 +72,20 @@ def distributed():
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_tiny(items):
+    """PIE-tiny has no marker field (it is plain PIE-Bench format): an item is PIE-tiny's when its
+    prompts are the ones `make_tiny` renders for its key."""
+    from .pie import strip_brackets
+    from .tiny import index_of, render_pair
+    try:
+        return bool(items) and all(tuple(map(strip_brackets, render_pair(0, index_of(it))[5][:2])) == (it.original_prompt, it.editing_prompt)
+                                   for it in items)
+    except (ValueError, IndexError):  # a key that is no PIE-tiny index
+        return False
+
+
 def make_metrics(args, items):
-    kind = args.metrics or ("tiny" if items and all(getattr(it, "tiny", False) for it in items) else "pie")
+    kind = args.metrics or ("tiny" if is_tiny(items) else "pie")
     if kind == "tiny":
         from .tiny import TinyMetrics
         return kind, TinyMetrics()

@@ -143,7 +143,7 @@ def run_bench(sd, data, items, methods, metrics, done=None, on_row=None, rank=0,
               guidance=7.5, mode="faithful"):
     """Rows {item, method, metric...} of this rank's PIE items (`pie.Item`s of the folder `data`) (index i with i % world == rank), in item
     order, then method order. `done`: {(item id, method): row} already computed, returned as they
-    are. `on_row(row)` is called as each new row is made. `metrics(item, source, edited)` -> dict."""
+    are. `on_row(row)` is called as each new row is made. `metrics(source, edited, item)` -> {column: number}."""
     from ..editing import load_image
     methods, done = check_methods(methods), done or {}
     mine = [it for i, it in enumerate(items) if i % world == rank]
@@ -163,7 +163,7 @@ def run_bench(sd, data, items, methods, metrics, done=None, on_row=None, rank=0,
             if bar is not None:
                 bar.set_postfix_str(f"{item.key} {m}")
             edited = edit_item(sd, item, image, m, steps, guidance, mode, cache)
-            row = {"item": item.key, "method": m, **{k: float(v) for k, v in metrics(item, image, edited).items()}}
+            row = {"item": item.key, "method": m, **{k: float(v) for k, v in metrics(image, edited, item).items()}}
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -178,7 +178,8 @@ def run_bench(sd, data, items, methods, metrics, done=None, on_row=None, rank=0,
 TABLE = (("structure_distance", "Structure x1e3", 1e3), ("psnr_unedit_part", "PSNR", 1.0),
          ("lpips_unedit_part", "LPIPS x1e3", 1e3), ("mse_unedit_part", "MSE x1e4", 1e4),
          ("ssim_unedit_part", "SSIM x1e2", 1e2), ("clip_similarity_target_image", "CLIP whole", 1.0),
-         ("clip_similarity_target_image_edit_part", "CLIP edited", 1.0))
+         ("clip_similarity_target_image_edit_part", "CLIP edited", 1.0),
+         ("structure_iou", "Structure IoU", 1.0), ("edit_success", "Success %", 1e2))  # the last two: TinyMetrics
 
 
 def table(rows, methods):
