@@ -10,6 +10,7 @@ import sys
 
 from .cli import (Parser, add_model_args, add_sampling_args, check_device, finite, fraction, load_model, natural,
                   positive, preflight, seed)
+from .editbench import cli as editbench_cli
 from .features import cli as features_cli
 from .outputs import Staged, save_image_atomic
 
@@ -74,6 +75,7 @@ def parser():
     add_sampling_args(m, "folder for " + ", ".join(MASACTRL_FILES))
 
     features_cli.add_parser(sub)
+    editbench_cli.add_parser(sub)
 
     d = sub.add_parser("demo", help="a gallery from the bundled sdlens-tiny model")
     add_model_args(d)
@@ -206,8 +208,8 @@ def cmd_hooks(args):
     print(sd.unet.describe(height // f, width // f))
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "masactrl": cmd_masactrl, "features": features_cli.run,
-            "hooks": cmd_hooks}
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "masactrl": cmd_masactrl,
+            "features": features_cli.run, "hooks": cmd_hooks, "edit-bench": editbench_cli.run}
 
 
 def main(argv=None):

@@ -1,0 +1,186 @@
+"""`python -m sdlens edit-bench`: PIE-Bench editing runs -> one CSV row per image and method.
+
+Resumable as `features spair`: finished rows go to `.<out>.partial` (JSON lines, the settings
+first) as they are made, a rerun with the same settings skips them, and the CSV is written whole at
+the end. Under torchrun (WORLD_SIZE > 1) rank r takes the items i with i % N == r, logs its rows to
+`.<out>.rank<r>.partial`, and rank 0 merges them, after a barrier, into the CSV a single process
+would write.
+"""
+import glob
+import json
+import os
+
+from ..cli import add_model_args, finite, load_model, positive
+from ..outputs import Staged, Text, check_target
+from . import run as bench
+
+TEST_HOOK = "SDLENS_EDIT_BENCH_STOP_AFTER"  # tests: interrupt (KeyboardInterrupt) after this many new rows
+
+
+def add_parser(sub):
+    e = sub.add_parser("edit-bench", help="PIE-Bench editing: inversions x editors, one CSV row per image and method")
+    add_model_args(e)
+    e.add_argument("--data", help="PIE-Bench folder (mapping_file.json, annotation_images/) or PIE-tiny")
+    e.add_argument("--methods", default=",".join(bench.METHODS), type=lambda s: s.split(","),
+                   help="comma-separated inversion+editor, of: " + ",".join(bench.METHODS))
+    e.add_argument("--limit", type=positive, default=None, help="only the first N images")
+    e.add_argument("--steps", type=positive, default=50, help="DDIM steps (PIE-Bench: 50)")
+    e.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance w (PIE-Bench: 7.5)")
+    e.add_argument("--mode", default="faithful", choices=bench.MODES,
+                   help="faithful: the official scripts' decisions; corrected: three of them fixed (see editbench/run.py)")
+    e.add_argument("--metrics", default=None, choices=("pie", "tiny"),
+                   help="pie: DINO/CLIP/LPIPS as PIE-Bench; tiny: no downloads (default: tiny on PIE-tiny, else pie)")
+    e.add_argument("--dino", help="DINO ViT-B/8 weights (--metrics pie)")
+    e.add_argument("--clip", help="CLIP ViT-L/14 weights (--metrics pie)")
+    e.add_argument("--lpips", help="LPIPS weights (--metrics pie)")
+    e.add_argument("--out", help="CSV file (a rerun resumes from .<name>.partial beside it)")
+    e.add_argument("--force", action="store_true", help="overwrite --out")
+    e.add_argument("--make-tiny", metavar="DIR", help="write PIE-tiny, a small PIE-format set, to DIR and exit")
+
+
+def partial_path(out, rank=None):
+    folder, name = os.path.split(os.path.abspath(out))
+    return os.path.join(folder, f".{name}.partial" if rank is None else f".{name}.rank{rank}.partial")
+
+
+def read_log(path, settings):
+    """{(item, method): row} of a log written with the same settings, else {}."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        lines = f.read().splitlines()
+    done = {}
+    try:
+        if not lines or json.loads(lines[0]) != settings:
+            return {}
+        for line in lines[1:]:
+            row = json.loads(line)
+            done[row["item"], row["method"]] = row
+    except (ValueError, KeyError, TypeError):  # a line cut short by the interruption: keep what came before it
+        pass
+    return done
+
+
+def logs(out):
+    ranks = sorted(glob.glob(glob.escape(partial_path(out))[:-len(".partial")] + ".rank*.partial"))
+    return [p for p in [partial_path(out)] + ranks if os.path.isfile(p)]
+
+
+def distributed():
+    """(rank, world, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_tiny(items):
+    """PIE-tiny has no marker field (it is plain PIE-Bench format): an item is PIE-tiny's when its
+    prompts are the ones `make_tiny` renders for its key."""
+    from .pie import strip_brackets
+    from .tiny import index_of, render_pair
+    try:
+        return bool(items) and all(tuple(map(strip_brackets, render_pair(0, index_of(it))[5][:2])) == (it.original_prompt, it.editing_prompt)
+                                   for it in items)
+    except (ValueError, IndexError):  # a key that is no PIE-tiny index
+        return False
+
+
+def make_metrics(args, items):
+    kind = args.metrics or ("tiny" if is_tiny(items) else "pie")
+    if kind == "tiny":
+        from .tiny import TinyMetrics
+        return kind, TinyMetrics()
+    try:
+        from .metrics import PieMetrics
+    except ImportError:
+        raise ValueError("--metrics pie needs editbench/metrics.py, which this copy lacks; use --metrics tiny") from None
+    return kind, PieMetrics(dino=args.dino, clip=args.clip, lpips=args.lpips, device=args.device)
+
+
+def cmd_edit_bench(args):
+    if args.make_tiny:
+        from .tiny import make_tiny
+        make_tiny(args.make_tiny)
+        print(os.path.abspath(args.make_tiny))
+        return
+    if not args.data or not args.out:
+        raise ValueError("edit-bench needs --data DIR and --out FILE.csv (or --make-tiny DIR)")
+    methods = bench.check_methods(args.methods)
+    from ..cli import check_device
+    from .pie import read_benchmark
+    check_device(args.device)
+    check_target(args.out)
+    if os.path.exists(args.out) and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
+    items = read_benchmark(args.data, args.limit)  # every annotation and image checked before the model loads
+    kind, metrics = make_metrics(args, items)
+    rank, world, local = distributed()
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            args.device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        finish(args, items, methods, kind, metrics, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def finish(args, items, methods, kind, metrics, rank, world):
+    sd = load_model(args)
+    settings = dict(model=args.model, dtype=args.dtype, size=sd.default_size, data=os.path.abspath(args.data),
+                    steps=args.steps, guidance=args.guidance, mode=args.mode, metrics=kind)
+    done = {}
+    for path in logs(args.out):  # any earlier run's rows, whatever its number of processes
+        done.update(read_log(path, settings))
+    barrier(world)  # every rank has read the logs before any rewrites its own
+    ids = {it.key for it in items}
+    mine = {it.key for i, it in enumerate(items) if i % world == rank}
+    log_path = partial_path(args.out, rank if world > 1 else None)
+    if rank == 0:
+        for path in logs(args.out):  # the logs of other layouts: their rows are in `done`, re-logged below
+            if path != log_path and not (world > 1 and path in [partial_path(args.out, r) for r in range(world)]):
+                os.unlink(path)
+    stop = int(os.environ.get(TEST_HOOK, "0"))
+    made = [0]
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "w") as log:  # rewritten whole: a line cut short by an interruption goes
+        log.write("".join(json.dumps(x) + "\n" for x in [settings] + [r for k, r in done.items() if k[0] in mine or (rank == 0 and k[0] not in ids)]))
+        log.flush()
+
+        def on_row(row):
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            made[0] += 1
+            if made[0] == stop:
+                raise KeyboardInterrupt
+
+        rows = bench.run_bench(sd, args.data, items, methods, metrics, done=done, on_row=on_row, rank=rank, world=world,
+                               steps=args.steps, guidance=args.guidance, mode=args.mode)
+    barrier(world)  # every rank's log is complete
+    if rank != 0:
+        return
+    if world > 1:
+        got = {}
+        for r in range(world):
+            got.update(read_log(partial_path(args.out, r), settings))
+        rows = [got[it.key, m] for it in items for m in methods]  # the single-process order
+    with Staged(os.path.dirname(os.path.abspath(args.out)), args.force) as out:
+        out.save(Text(bench.csv_text(rows)), os.path.basename(args.out))
+    for path in logs(args.out):
+        os.unlink(path)
+    print(bench.table(rows, methods))
+    print(os.path.abspath(args.out))
+
+
+def run(args):
+    cmd_edit_bench(args)

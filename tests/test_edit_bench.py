@@ -1,0 +1,159 @@
+"""edit-bench: the official per-item decisions, rows in order, resume, bad input, and torchrun sharding."""
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+
+import sdlens
+from sdlens.__main__ import main
+from sdlens.editbench import cli as bench_cli
+from sdlens.editbench import run as bench
+
+METHODS = "ddim+p2p,direct+p2p,ddim+pnp"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(sdlens.__file__)))  # what PYTHONPATH must hold
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return sdlens.load(None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from sdlens.editbench.tiny import make_tiny
+    d = str(tmp_path_factory.mktemp("pie") / "pie-tiny")
+    make_tiny(d, n=4)
+    return d
+
+
+def args(data, out, *extra):
+    return ["edit-bench", "--data", data, "--methods", METHODS, "--limit", "2", "--steps", "3", "--out", out, *extra]
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_official_decisions(sd, monkeypatch):
+    """Faithful: always refine, exact blend words, target word x2; corrected: replace on equal word counts."""
+    made = []
+    import sdlens.editing as editing
+
+    class Spy(editing.PromptToPrompt):
+        def __init__(self, *a, **k):
+            made.append(k)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(editing, "PromptToPrompt", Spy)
+    item = NS(key="x", original_prompt="a Cat, sitting", editing_prompt="a dog, sitting", blended_word=("cat", "dog"))
+    image = torch.rand(1, 3, 64, 64)
+    for mode in bench.MODES:
+        bench.edit_item(sd, item, image, "ddim+p2p", steps=3, mode=mode)
+    faithful, corrected = made
+    assert (faithful["mode"], faithful["cross_replace_steps"], faithful["self_replace_steps"]) == ("refine", 0.4, 0.6)
+    assert faithful["blend"].words == [[], []]  # "Cat," and "dog," are not exactly "cat", "dog" (get_word_inds)
+    assert faithful["equalize"] is None
+    assert corrected["mode"] == "replace" and corrected["blend"].words == [[1], [1]]
+    assert corrected["equalize"] == {1: 2.0}
+
+
+def test_pnp_source_rows(sd, monkeypatch):
+    """ddim+pnp: the source row follows the DDIM reconstruction; faithful reads it one step late
+    (run_editing_pnp.py:155, :381, :396: noisy_latent[-1-i] of the reversed list)."""
+    import sdlens.editing.pnp as pnp
+    seen = {}
+    monkeypatch.setattr(pnp, "translate", lambda sd, image, prompt, **k: seen.update(k) or NS(pil=lambda: [None]))
+    item = NS(key="x", original_prompt="a cat", editing_prompt="a dog", blended_word=None)
+    image, n = torch.rand(1, 3, 64, 64), 4
+    zs = bench.latents(sd, image, "a cat", n, {})
+    rec = bench.reconstruction(sd, zs, "a cat", n)
+    for mode, start, at_step in (("faithful", rec[0], lambda i: rec[i]),
+                                 ("corrected", zs[-1], lambda i: zs[-1] if i == 0 else rec[i - 1])):
+        bench.edit_item(sd, item, image, "ddim+pnp", steps=n, mode=mode)
+        got = seen["latents"]
+        assert torch.equal(got[-1], start)  # translate starts from zs[N] and reads zs[N - i] at step i
+        assert all(torch.equal(got[n - i], at_step(i)) for i in range(n)), mode
+        assert seen["negative_prompt"] == bench.PNP_NEGATIVE and seen["alpha"] == 0.0
+    bench.edit_item(sd, item, image, "direct+pnp", steps=n)
+    assert all(torch.equal(a, b) for a, b in zip(seen["latents"], zs))  # the inversion itself
+
+
+def test_shards_and_shared_inversions(sd, monkeypatch):
+    """Rank r of N takes items i % N == r; one DDIM inversion per item serves p2p and pnp."""
+    calls = []
+    import sdlens.editing.inversion as inversion
+    orig = inversion.ddim_latents
+    monkeypatch.setattr(inversion, "ddim_latents", lambda *a, **k: calls.append(a[2]) or orig(*a, **k))
+    monkeypatch.setattr(sdlens.editing, "load_image", lambda path, sd=None: torch.rand(1, 3, 64, 64))
+    items = [NS(key=str(i), image_path="x.png", original_prompt="a cat", editing_prompt="a dog", blended_word=None)
+             for i in range(5)]
+    metric = lambda src, out, item: {"psnr_unedit_part": 1.0}
+    rows = bench.run_bench(sd, "data", items, ["ddim+p2p", "direct+p2p", "direct+pnp"], metric, rank=1, world=2, steps=2,
+                           progress=False)
+    assert [(r["item"], r["method"]) for r in rows] == [(i, m) for i in "13" for m in ("ddim+p2p", "direct+p2p", "direct+pnp")]
+    assert calls == ["a cat", "a cat"]  # one inversion per item
+
+
+def test_table_scales_and_nan():
+    rows = [{"item": "a", "method": "ddim+p2p", "structure_distance": 0.01, "psnr_unedit_part": 20.0},
+            {"item": "b", "method": "ddim+p2p", "structure_distance": float("nan"), "psnr_unedit_part": 30.0}]
+    text = bench.table(rows, ["ddim+p2p"])
+    assert text.splitlines()[0].split() == ["method", "Structure", "x1e3", "PSNR"]
+    assert text.splitlines()[1].split() == ["ddim+p2p", "10.00", "25.00"]
+    assert "1 NaN values skipped" in text
+
+
+@pytest.mark.parametrize("bad", [["--methods", "ddim+p2p,foo+p2p"], ["--methods", "ddim+p2p,ddim+p2p"]])
+def test_bad_input_exits_2_and_writes_nothing(data, tmp_path, capsys, bad):
+    out = str(tmp_path / "r.csv")
+    assert main(args(data, out) + bad) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err
+    if "foo" in bad[1]:
+        assert ",".join(bench.METHODS) in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_rows_in_order_and_resume(data, tmp_path, monkeypatch):
+    """One row per (item, method) in order; an interrupted run resumes and writes the same CSV."""
+    full = str(tmp_path / "full.csv")
+    assert main(args(data, full)) == 0
+    lines = read(full).decode().splitlines()
+    from sdlens.editbench.pie import read_benchmark
+    ids = [it.key for it in read_benchmark(data, 2)]
+    assert [tuple(l.split(",")[:2]) for l in lines[1:]] == [(i, m) for i in ids for m in METHODS.split(",")]
+
+    out = str(tmp_path / "r.csv")
+    monkeypatch.setenv(bench_cli.TEST_HOOK, "4")
+    assert main(args(data, out)) == 130  # interrupted after 4 rows: no CSV, a log with the settings and 4 rows
+    assert not os.path.exists(out)
+    with open(bench_cli.partial_path(out)) as f:
+        assert len(f.read().splitlines()) == 1 + 4
+    monkeypatch.delenv(bench_cli.TEST_HOOK)
+    edits = []
+    real = bench.edit_item
+    monkeypatch.setattr(bench, "edit_item", lambda *a, **k: edits.append(a[3]) or real(*a, **k))
+    assert main(args(data, out)) == 0
+    assert len(edits) == 6 - 4  # only the missing rows
+    assert read(out) == read(full)
+    assert not os.path.exists(bench_cli.partial_path(out))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_two_processes_match_one(data, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU) merges into the CSV of a single process, byte for byte."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")  # torchrun sets 1 thread; the same for both
+    one, two = str(tmp_path / "one.csv"), str(tmp_path / "two.csv")
+    cmd = lambda out: args(data, out)
+    r = subprocess.run([sys.executable, "-m", "sdlens"] + cmd(one), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "sdlens"] + cmd(two), env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read(two) == read(one)
+    assert sorted(os.listdir(tmp_path)) == ["one.csv", "two.csv"]  # the rank logs are gone
