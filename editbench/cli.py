@@ -10,6 +10,8 @@ import glob
 import json
 import os
 
+import numpy as np
+
 from ..cli import add_model_args, finite, load_model, positive
 from ..outputs import Staged, Text, check_target
 from . import run as bench
@@ -85,15 +87,24 @@ def is_tiny(items):
 
 
 def make_metrics(args, items):
+    """(kind, metrics(src, edited, item) -> {column: value}): tiny's checker metrics, or PIE-Bench's, whose
+    three metric models must all be named (each missing one says what to fetch and which flag takes it)."""
     kind = args.metrics or ("tiny" if is_tiny(items) else "pie")
     if kind == "tiny":
         from .tiny import TinyMetrics
-        return kind, TinyMetrics()
-    try:
-        from .metrics import PieMetrics
-    except ImportError:
-        raise ValueError("--metrics pie needs editbench/metrics.py, which this copy lacks; use --metrics tiny") from None
-    return kind, PieMetrics(dino=args.dino, clip=args.clip, lpips=args.lpips, device=args.device)
+        return kind, TinyMetrics(args.mode)
+    from .metrics import FETCH, PieMetrics
+    from .pie import mask_at
+    for what in ("dino", "clip", "lpips"):
+        if getattr(args, what) is None:
+            raise ValueError(f"--metrics pie: {FETCH[what]}")
+    pie = PieMetrics(mode=args.mode, dino=args.dino, clip=args.clip, lpips=args.lpips)
+
+    def metrics(src, edited, item):
+        a, b = (np.asarray(x.convert("RGB"), dtype=np.uint8) for x in (src, edited))
+        return pie(a, b, mask_at(item.mask, a.shape[:2]).astype(np.uint8), item.editing_prompt)
+
+    return kind, metrics
 
 
 def cmd_edit_bench(args):

@@ -38,7 +38,13 @@ METHODS = ("ddim+p2p", "null-text+p2p", "negative-prompt+p2p", "direct+p2p",
 MODES = ("faithful", "corrected")
 CROSS, SELF, BLEND_WEIGHT = 0.4, 0.6, 2.0  # run_editing_p2p.py:125-131
 PNP_NEGATIVE = "ugly, blurry, black, low res, unrealistic"  # run_editing_pnp.py:383
-MASA_STEP, MASA_LAYER = 4, 10  # run_editing_masactrl.py:224-225
+MASA_STEP, MASA_LAYER = 4, 10  # run_editing_masactrl.py:224-225 (10 of SD's 16 self-attention layers)
+
+
+def masa_layer(sd):
+    """The official start_layer 10 on SD's 16-layer topology; on another (sdlens-tiny: 11 layers) MasaCtrl's
+    default, the same decoder layers (its two finest resolutions)."""
+    return MASA_LAYER if len(sd.unet.hook_names(kind="self_attention", point="out")) == 16 else None
 
 
 def check_methods(methods):
@@ -117,7 +123,7 @@ def edit_masactrl(sd, tgt, image, inv_method, steps, guidance, cache):
     from ..editing.masactrl import MasaCtrl  # lazily: written beside this module
     zs = latents(sd, image, "", steps, cache)
     inv = Inversion(zs, "", inv_method, direct=inv_method == "direct")
-    editor = MasaCtrl(sd, "", tgt, steps=steps, start_step=MASA_STEP, start_layer=MASA_LAYER)
+    editor = MasaCtrl(sd, "", tgt, steps=steps, start_step=MASA_STEP, start_layer=masa_layer(sd))
     return editor.run(guidance_scale=guidance, inversion=inv, progress=False).pil()[1]
 
 
