@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..cli import add_model_args, finite, load_model, positive
+from ..cli import add_model_args, finite, load_model, natural, positive
 from ..outputs import Staged, Text, check_target
 from . import run as bench
 
@@ -38,6 +38,8 @@ def add_parser(sub):
     e.add_argument("--out", help="CSV file (a rerun resumes from .<name>.partial beside it)")
     e.add_argument("--force", action="store_true", help="overwrite --out")
     e.add_argument("--make-tiny", metavar="DIR", help="write PIE-tiny, a small PIE-format set, to DIR and exit")
+    e.add_argument("--items", type=positive, default=64, help="--make-tiny: number of items, the 4 edit types in turn")
+    e.add_argument("--tiny-seed", type=natural, default=0, help="--make-tiny: seed of the rendered scenes")
 
 
 def partial_path(out, rank=None):
@@ -110,7 +112,7 @@ def make_metrics(args, items):
 def cmd_edit_bench(args):
     if args.make_tiny:
         from .tiny import make_tiny
-        make_tiny(args.make_tiny)
+        make_tiny(args.make_tiny, n=args.items, seed=args.tiny_seed, force=args.force)
         print(os.path.abspath(args.make_tiny))
         return
     if not args.data or not args.out:

@@ -32,6 +32,11 @@ def rows(tiny, tmp_path_factory):
     return run_bench(tiny, str(root), items, METHODS, TinyMetrics(), progress=False, steps=20, guidance=7.5)
 
 
+@pytest.mark.xfail(strict=True, reason="measured false on PIE-tiny (first run, 2026-11-23): mean unedited-part PSNR "
+                   "ddim+p2p 23.25 dB, direct+p2p 23.95 (+0.7, ahead on 4/4), null-text+p2p 21.62 (-1.6); per item "
+                   "ddim 23.8/13.1/22.9/33.2, direct 23.9/13.1/24.9/33.9, null-text 18.7/13.0/19.8/35.0. The P2P "
+                   "edit itself changes the background far more than the inversion error does on this model. "
+                   "strict: it errors if the claim starts to hold, so the README's statement is revisited")
 def test_direct_and_null_text_keep_the_background_better_than_ddim(rows):
     by = {m: [r for r in rows if r["method"] == m] for m in METHODS}
     mean = {m: sum(r["psnr_unedit_part"] for r in rs) / len(rs) for m, rs in by.items()}
