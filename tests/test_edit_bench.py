@@ -1,6 +1,5 @@
 """edit-bench: the official per-item decisions, rows in order, resume, bad input, and torchrun sharding."""
 import os
-import shutil
 import subprocess
 import sys
 from types import SimpleNamespace as NS
@@ -144,15 +143,17 @@ def test_rows_in_order_and_resume(data, tmp_path, monkeypatch):
     assert not os.path.exists(bench_cli.partial_path(out))
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
 def test_torchrun_two_processes_match_one(data, tmp_path):
     """torchrun --nproc_per_node=2 (gloo on CPU) merges into the CSV of a single process, byte for byte."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")  # torchrun sets 1 thread; the same for both
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")  # torchrun sets 1 thread; the same for both
     one, two = str(tmp_path / "one.csv"), str(tmp_path / "two.csv")
     cmd = lambda out: args(data, out)
     r = subprocess.run([sys.executable, "-m", "sdlens"] + cmd(one), env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "sdlens"] + cmd(two), env=env,
+    # `python -m torch.distributed.run` is the `torchrun` script, found whatever PATH holds
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "sdlens"] + cmd(two), env=env,
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     assert read(two) == read(one)
