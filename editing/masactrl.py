@@ -249,7 +249,9 @@ DEMO = dict(source_prompt="a big blue triangle in the center", target_prompt="a 
 
 def demo(sd, steps=50, **kw):
     d = {**DEMO, **kw}
-    res = MasaCtrl(sd, d["source_prompt"], d["target_prompt"], steps=steps).run(seed=d["seed"], progress=False)
+    # the official start_step 4 (of 50); a demo of fewer steps than that starts at its last step
+    res = MasaCtrl(sd, d["source_prompt"], d["target_prompt"], steps=steps, start_step=min(4, steps)).run(
+        seed=d["seed"], progress=False)
     g = torch.randn((1, sd.unet.cfg.in_channels) + tuple(res.latents.shape[-2:]),
                     generator=torch.Generator().manual_seed(d["seed"]))
     plain = sd.generate(d["target_prompt"], latents=g, steps=steps, progress=False)[0]
