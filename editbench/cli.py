@@ -99,7 +99,7 @@ def make_metrics(args, items):
     from .pie import mask_at
     for what in ("dino", "clip", "lpips"):
         if getattr(args, what) is None:
-            raise ValueError(f"--metrics pie: {FETCH[what]}")
+            raise ValueError(f"--metrics pie: {FETCH[what]} (for a PIE-tiny folder pass --metrics tiny)")
     pie = PieMetrics(mode=args.mode, dino=args.dino, clip=args.clip, lpips=args.lpips)
 
     def metrics(src, edited, item):
@@ -134,7 +134,10 @@ def cmd_edit_bench(args):
         if cuda:
             args.device = f"cuda:{local}"
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # Ranks wait for the slowest at the end: with the default timeout (NCCL 10 min) a long null-text
+        # item on one rank would kill the others after their rows are done, and no CSV would be written.
+        from datetime import timedelta
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
     try:
         finish(args, items, methods, kind, metrics, rank, world)
     finally:
@@ -152,6 +155,11 @@ def finish(args, items, methods, kind, metrics, rank, world):
     sd = load_model(args)
     settings = dict(model=args.model, dtype=args.dtype, size=sd.default_size, data=os.path.abspath(args.data),
                     steps=args.steps, guidance=args.guidance, mode=args.mode, metrics=kind)
+    if world > 1:  # rank 0's settings for all: nodes may mount the shared folder at other paths
+        import torch.distributed as dist
+        shared = [settings]
+        dist.broadcast_object_list(shared, src=0)
+        settings = shared[0]
     done = {}
     for path in logs(args.out):  # any earlier run's rows, whatever its number of processes
         done.update(read_log(path, settings))
@@ -186,6 +194,10 @@ def finish(args, items, methods, kind, metrics, rank, world):
         got = {}
         for r in range(world):
             got.update(read_log(partial_path(args.out, r), settings))
+        missing = [(it.key, m) for it in items for m in methods if (it.key, m) not in got]
+        if missing:
+            raise RuntimeError(f"{len(missing)} rows are missing from the rank logs beside --out (first: item "
+                               f"{missing[0][0]}, {missing[0][1]}); rerun the same command to compute them")
         rows = [got[it.key, m] for it in items for m in methods]  # the single-process order
     with Staged(os.path.dirname(os.path.abspath(args.out)), args.force) as out:
         out.save(Text(bench.csv_text(rows)), os.path.basename(args.out))

@@ -122,11 +122,11 @@ def cmd_pca(args):
 
 
 def cmd_correspond(args):
-    from PIL import Image
+    from PIL import Image, ImageOps
     from .correspondence import check_points, draw_matches, match, prepare
     from .extract import extract
     preflight(args, CORRESPOND_FILES, [("--image", args.image), ("--target", args.target)])
-    src_img, trg_img = Image.open(args.image), Image.open(args.target)
+    src_img, trg_img = (ImageOps.exif_transpose(Image.open(p)) for p in (args.image, args.target))  # as prepare()
     pts = check_points(args.points, (src_img.height, src_img.width), "--points")  # before the model loads
     sd = load_model(args)
     name = check_layer(sd, args.layer)

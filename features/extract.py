@@ -162,7 +162,7 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
     prompts = [prompt] * B if isinstance(prompt, str) else list(prompt)
     if len(prompts) != B or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or one string per image ({B}), got {prompt!r}")
-    mean, logvar = sd.vae.encode(2 * x - 1)
+    mean, logvar = (torch.cat(v) for v in zip(*(sd.vae.encode(2 * x[i:i + max_rows] - 1) for i in range(0, B, max_rows))))
     scale = sd.vae.cfg.scaling_factor
     ctx = sd.encode_prompt(prompts)
     if inversion == "ddim":
