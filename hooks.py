@@ -26,12 +26,33 @@ class StepContext:
     """What the sampler knows about the current UNet call; hooks read it as `hook.ctx`.
 
     `rows` names groups of batch rows, e.g. {"uncond": [0, 1], "cond": [2, 3]}. Editing methods
-    add their own groups ("source", "target") when they build the batch.
+    add their own groups ("source", "target") when they build the batch. Each group is a run of
+    consecutive rows, so `ctx.slice("cond")` indexes it as a view: a list index would be copied
+    to the device as an index tensor at every hook call.
+
+    `step_t` is `step` as a 0-d int64 tensor on the model's device, filled in by the UNet before
+    the call. Hooks that change with the step should read their per-step values from a table on the
+    device with `ctx.at_step(table)` instead of branching on the Python int `step`: a compiled UNet
+    (`sd.compile()`) would guard on that int and build a new graph at every step.
     """
     step: int = 0
     t: int = 0
     num_steps: int = 1
     rows: Dict[str, List[int]] = field(default_factory=dict)
+    step_t: Optional[torch.Tensor] = None
+
+    def at_step(self, table: torch.Tensor) -> torch.Tensor:
+        """Row `step` of a per-step `table` (on the model's device), gathered on the device. Plain
+        `table[ctx.step_t]` would not do: indexing with a 0-d tensor reads it back as a Python int,
+        which waits for the GPU and makes a compiled graph specialise on the step."""
+        return table.index_select(0, self.step_t.reshape(1))[0]
+
+    def slice(self, group: str) -> slice:
+        """The rows of `group` as a slice (KeyError if there is no such group)."""
+        rows = self.rows[group]
+        if not rows or list(rows) != list(range(rows[0], rows[0] + len(rows))):
+            raise ValueError(f"rows[{group!r}] = {rows} are not consecutive rows; index with the list instead")
+        return slice(rows[0], rows[0] + len(rows))
 
 
 @dataclass(frozen=True)
@@ -171,15 +192,31 @@ class HookedModule(nn.Module):
         """Record every value seen at the chosen points, over any number of calls.
 
         `with unet.record(lambda n: n.endswith("attn2.hook_probs")) as store: ...` leaves
-        `store[name]` as a list with one tensor per call.
+        `store[name]` as a list with one tensor per call of the model.
         """
         store: Dict[str, List[torch.Tensor]] = {}
+        latest: Dict[str, torch.Tensor] = {}
 
+        # The hooks only write this call's values into `latest`; the model's forward hooks, which run
+        # eagerly around the (possibly compiled) forward, move them to the lists (and so does the
+        # exit, for a call that raised). Appending inside the hooks would make a compiled UNet guard
+        # on the lists' lengths and build a graph per call.
         def save(x, hook):
-            store.setdefault(hook.name, []).append(x.detach() if detach else x)
+            latest[hook.name] = x.detach() if detach else x
 
-        with self.hooks({names: save}):
-            yield store
+        def flush(*_):
+            for name, x in latest.items():
+                store.setdefault(name, []).append(x)
+            latest.clear()
+
+        handles = [self.register_forward_pre_hook(flush), self.register_forward_hook(flush)]
+        try:
+            with self.hooks({names: save}):
+                yield store
+        finally:
+            flush()
+            for h in handles:
+                h.remove()
 
     def run_with_cache(self, *args, names: Selector = lambda n: not n.endswith("hook_probs"), **kwargs):
         """One forward pass; returns (output, {name: value}) for the chosen hook points.

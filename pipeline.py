@@ -31,6 +31,13 @@ class StableDiffusion:
                 f"{len(self.unet.hook_names())} hook points; UNet {millions(self.unet)}, "
                 f"text encoder {millions(self.text_encoder)} (context {ctx}), VAE {millions(self.vae)} parameters)")
 
+    def compile(self, **kwargs):
+        """Compile the UNet, where nearly all the time goes, with `torch.compile(**kwargs)`; returns self.
+        The first call of each new shape or hook set pays the compilation; every later step reuses
+        it. Hooks keep working (see `UNetModel.compile`). `sd.compile(backend=None)` undoes it."""
+        self.unet.compile(**kwargs)
+        return self
+
     @property
     def device(self):
         """Where the UNet (and so the sampler) runs."""

@@ -2,7 +2,8 @@
 
 Built on the public hook API: it hooks the `hook_probs` of the attention layers whose maps have
 at most `max_size`^2 queries (official P2P `AttentionStore`: 32^2), so the large self-attention
-maps are never materialised, and keeps the rows that `hook.ctx.rows["cond"]` names. Attach it
+maps are never materialised, and keeps the rows that `hook.ctx.rows["cond"]` names. Each map is
+averaged over the calls that recorded it: the sampling steps. Attach it
 after an editor's hooks to record the edited maps, as the official store does.
 """
 import math
@@ -24,22 +25,22 @@ class AttentionStore:
                 hw = (math.ceil(self.latent_hw[0] / f), math.ceil(self.latent_hw[1] / f))
                 if hw[0] * hw[1] <= max_size ** 2:
                     self.sizes[n] = hw
-        self.sums = {}
-        self.steps = set()
+        self.sums, self.counts = {}, {}
 
     def hook(self, probs, hook):
-        rows = None
+        # Tensor sums and counts, rows by slice: nothing here waits for the GPU, copies from the host
+        # or branches on the step, so a compiled UNet keeps one graph with the store attached.
+        rows = slice(None)
         if hook.ctx is not None:
-            rows = hook.ctx.rows.get("cond")
-            if rows is None:  # an unconditional-only pass (low-memory mode): nothing to keep
+            if "cond" not in hook.ctx.rows:  # an unconditional-only pass (low-memory mode): nothing to keep
                 return None
-        p = (probs[rows] if rows is not None else probs).detach().float().mean(1)  # mean over heads
+            rows = hook.ctx.slice("cond")
+        p = probs[rows].detach().float().mean(1)  # mean over heads
         if hook.name in self.sums:
             self.sums[hook.name].add_(p)
+            self.counts[hook.name].add_(1)
         else:
-            self.sums[hook.name] = p
-        if hook.ctx is not None:
-            self.steps.add(hook.ctx.step)
+            self.sums[hook.name], self.counts[hook.name] = p, torch.ones((), device=p.device)
         return None
 
     def hooks(self):
@@ -61,7 +62,7 @@ class AttentionStore:
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
         info = self.unet.hook_info
-        maps = [self.sums[n] / max(1, len(self.steps)) for n in self.sizes
+        maps = [self.sums[n] / self.counts[n] for n in self.sizes
                 if n in self.sums and self.sizes[n] == (size, size) and info(n).place in places and info(n).kind == kind]
         if not maps:
             raise ValueError(f"no {kind} maps of {size}x{size} were recorded (sizes: {sorted(set(self.sizes.values()))})")

@@ -41,6 +41,16 @@ def start_noise(sd, n, *, steps, seed=None, latents=None, inversion: Optional[In
     return x.to(sd.device, sd.latent_dtype)
 
 
+def step_table(sd, values: torch.Tensor) -> torch.Tensor:
+    """A per-step table (one row per sampling step on dim 0) for hooks to read with `ctx.at_step`: on
+    the model's device, moved once per run, and padded with zero rows to the scheduler's 1000
+    timesteps (steps never exceed them). A compiled graph is specialised on the table's shape, so
+    padding lets an edit of any step count reuse the graphs of another."""
+    rows = sd.scheduler.num_train_timesteps
+    pad = values.new_zeros((rows - values.shape[0],) + tuple(values.shape[1:]))
+    return torch.cat([values, pad]).to(sd.device)
+
+
 def check_guidance(guidance_scale):
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")

@@ -86,9 +86,10 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
             opt.zero_grad()
             loss.backward()
             opt.step()
+            value = loss.item()  # the early stop is a host decision: one wait for the GPU per inner step, no more
             if bar is not None:
-                bar.set_postfix(inner=f"{j + 1}/{inner_steps}", loss=f"{loss.item():.1e}")
-            if loss.item() < early_stop + i * 2e-5:
+                bar.set_postfix(inner=f"{j + 1}/{inner_steps}", loss=f"{value:.1e}")
+            if value < early_stop + i * 2e-5:
                 break
         uncond = uncond.detach()
         out.append(uncond)

@@ -37,6 +37,10 @@ Facts from the official code (TencentARC/MasaCtrl @ d0ba16b, masactrl/masactrl.p
   bg (1 - M_t) (:324-328), for both halves. Here that mix is applied to the probabilities at
   `hook_probs` (the same, since out = P v is linear in P); it makes those layers use the explicit
   attention path.
+Compiled (`sd.compile()`), plain MasaCtrl keeps one graph: `swap` reads the step as a tensor
+(`ctx.at_step`). The mask-guided hooks keep Python state per UNet call (the maps seen so far), so
+compiled they make a graph per step until torch's recompile limit and then run eagerly: the images
+stay right, only not faster.
 """
 import math
 import numbers
@@ -47,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from ..schedulers import sample
-from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
+from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise, step_table
 from .inversion import Inversion
 from .visualize import SavesImages
 from .words import word_positions
@@ -126,22 +130,32 @@ class MasaCtrl:
     # ---- the hooks ----
     @staticmethod
     def pairs(rows):
-        """[(source row, target rows)] for each half present: "uncond" and "cond" list the rows prompt
-        by prompt (editing/batch.py), so the source's index in "cond" finds it in "uncond" too."""
+        """[(source rows, target rows)] as slices, for each half present: "uncond" and "cond" list the rows
+        prompt by prompt (editing/batch.py), so the source's index in "cond" finds it in "uncond" too."""
         cond = rows["cond"]
         i_src, i_tgt = cond.index(rows["source"][0]), [cond.index(r) for r in rows["target"]]
-        return [(g[i_src], [g[i] for i in i_tgt]) for g in (rows.get("uncond"), cond) if g]
+        out = []
+        for g in (rows.get("uncond"), cond):
+            if g:
+                ts = [g[i] for i in i_tgt]
+                if ts != list(range(ts[0], ts[0] + len(ts))):
+                    raise ValueError(f"MasaCtrl's target rows {ts} are not consecutive")
+                out.append((slice(g[i_src], g[i_src] + 1), slice(ts[0], ts[0] + len(ts))))
+        return out
 
     def active(self, ctx):
         return ctx is not None and ctx.step >= self.start_step and bool(ctx.rows.get("target"))
 
     def swap(self, x, hook):
-        """k or v [b, heads, n, d]: the target rows take their source row's."""
-        if not self.active(hook.ctx):
+        """k or v [b, heads, n, d]: the target rows take their source row's from `start_step` on.
+        The step is read as a tensor (`ctx.at_step`), so a compiled UNet keeps one graph."""
+        ctx = hook.ctx
+        if ctx is None or not ctx.rows.get("target"):
             return None
+        on = ctx.at_step(self.on)
         out = x.clone()
-        for s, ts in self.pairs(hook.ctx.rows):
-            out[ts] = x[s]
+        for s, ts in self.pairs(ctx.rows):
+            out[ts] = torch.where(on, x[s], x[ts])
         return out
 
     def keep_cross(self, probs, hook):
@@ -194,6 +208,7 @@ class MasaCtrl:
         return keep
 
     def hooks(self):
+        self.on = step_table(self.sd, torch.arange(self.steps) >= self.start_step)  # swap's edited steps
         names = {}
         for point in ("q", "k", "v", "probs"):
             for n in self.sd.unet.hook_names(kind="self_attention", point=point):

@@ -33,7 +33,7 @@ import math
 
 from ..schedulers import sample
 from .attention_store import AttentionStore
-from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
+from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise, step_table
 from .inversion import Inversion
 from .visualize import SavesImages
 from .words import refine_mapper, replace_mapper, token_ids, word_positions
@@ -201,47 +201,60 @@ class PromptToPrompt:
             self.sub_w = blend.weights(tok, prompts, blend.substruct_words) if blend.substruct_words else None
 
     # ---- the hooks ----
+    # They run at every attention layer of every step, so they take no decision on data (`a.any()`
+    # would wait for the GPU) and copy nothing from the host: the per-run tables are moved to the
+    # model's device once (`on_device`), the step picks its row with `ctx.at_step`, and rows are
+    # sliced. A compiled UNet then makes one graph for every step. Blending with 0/1 weights gives
+    # exactly the replaced or the own maps, as the official `repl * alpha + own * (1 - alpha)`.
+    def on_device(self):
+        """The tables the hooks read, on the model's device (moved once per run; per-step ones padded
+        by `step_table`, so that any step count reuses a compiled graph)."""
+        mv = lambda x: None if x is None else x.to(self.sd.device)
+        lo, hi = self.self_range
+        steps = torch.arange(self.steps)
+        self.dev = dict(mapper=mv(self.mapper), swap=mv(self.swap),
+                        cross=step_table(self.sd, self.cross[:, :, None, None, :]),
+                        map_alphas=None if self.map_alphas is None else mv(self.map_alphas)[:, None, None, :],
+                        eq=None if self.eq is None else mv(self.eq)[:, None, None, :],
+                        self_on=step_table(self.sd, (lo <= steps) & (steps < hi)))
+        return self.dev
+
     def edit_cross(self, probs, hook):
         ctx = hook.ctx
         if ctx is None or not ctx.rows.get("target"):
             return None
-        a = self.cross[ctx.step]
-        if not a.any():  # past every word's range: the target keeps its own maps (official: re-weighting too)
-            return None
-        src, tgt = ctx.rows["source"][0], ctx.rows["target"]
-        base, own = probs[src], probs[tgt]  # [h, q, k], [T, h, q, k]
-        dev = probs.device
-        if self.mapper is not None:  # refine
-            idx = self.mapper.to(dev)
-            repl = torch.stack([base[..., idx[i]] for i in range(len(tgt))])
-            a_map = self.map_alphas.to(dev, probs.dtype)[:, None, None, :]
+        d, dt = self.dev, probs.dtype
+        src, tgt = ctx.slice("source"), ctx.slice("target")
+        base, own = probs[src], probs[tgt]  # [1, h, q, k], [T, h, q, k]
+        if d["mapper"] is not None:  # refine (official: attn_base[:, :, mapper].permute(2, 0, 1, 3))
+            repl = base[0][..., d["mapper"]].permute(2, 0, 1, 3)
+            a_map = d["map_alphas"].to(dt)
             repl = repl * a_map + own * (1 - a_map)
-        elif self.swap is not None:  # a swap of words with different token counts
-            repl = torch.einsum("hqw,twn->thqn", base, self.swap.to(dev, probs.dtype))
+        elif d["swap"] is not None:  # a swap of words with different token counts
+            repl = torch.einsum("hqw,twn->thqn", base[0], d["swap"].to(dt))
         else:  # the token positions match one to one
             repl = base.expand_as(own)
-        if self.eq is not None:
-            repl = repl * self.eq.to(dev, probs.dtype)[:, None, None, :]
-        out = probs.clone()
-        if a.all():
-            out[tgt] = repl
-        else:
-            a = a.to(dev, probs.dtype)[:, None, None, :]
-            out[tgt] = repl * a + own * (1 - a)
+        if d["eq"] is not None:
+            repl = repl * d["eq"].to(dt)
+        a = ctx.at_step(d["cross"]).to(dt)  # [T, 1, 1, k]: 1 where a token takes the source's map at this step
+        out = probs.clone()  # past every word's range a = 0: the target keeps its own maps (official: re-weighting too)
+        out[tgt] = repl * a + own * (1 - a)
         return out
 
     def edit_self(self, probs, hook):
         ctx = hook.ctx
-        if ctx is None or not ctx.rows.get("target") or not self.self_range[0] <= ctx.step < self.self_range[1]:
+        if ctx is None or not ctx.rows.get("target"):
             return None
+        src, tgt = ctx.slice("source"), ctx.slice("target")
         out = probs.clone()
-        out[ctx.rows["target"]] = probs[ctx.rows["source"][0]]
+        out[tgt] = torch.where(ctx.at_step(self.dev["self_on"]), probs[src], probs[tgt])
         return out
 
     def hooks(self, latent_hw):
         """{hook name: fn}: every cross-attention map, and self-attention maps of at most
         `self_max_size`^2 queries (official `replace_self_attention`: 16^2)."""
         unet = self.sd.unet
+        self.on_device()
         hooks = {n: self.edit_cross for n in unet.hook_names(kind="cross_attention", point="probs")}
         for n in unet.hook_names(kind="self_attention", point="probs"):
             f = unet.hook_info(n).downscale
@@ -252,7 +265,7 @@ class PromptToPrompt:
     # ---- sampling ----
     @torch.no_grad()
     def run(self, guidance_scale=7.5, seed=None, latents=None, inversion: Optional[Inversion] = None,
-            low_memory=False, store_size=32, height=None, width=None, progress=True):
+            low_memory=False, store_size=16, height=None, width=None, progress=True):
         """Sample the source and the targets together from the same noise -> EditResult.
 
         The noise is `inversion.latents[-1]` (a real image, from `invert_image` with this editor's
@@ -260,7 +273,9 @@ class PromptToPrompt:
         (an int, or None for fresh noise) at `height` x `width` (multiples of 8; default the
         model's size). `guidance_scale`: w, any finite number (1 turns guidance off; official 7.5).
         `low_memory`: unconditional and conditional rows in two passes. `store_size`: the largest
-        map side the attention store keeps (32). `progress`: a tqdm bar on stderr."""
+        map side the attention store keeps: 16, what local blend and the pictures read (the official
+        store keeps up to 32, and recording SD's 32 x 32 self-attention maps would take them off the
+        fused attention path, for maps nothing reads). `progress`: a tqdm bar on stderr."""
         sd, steps = self.sd, self.steps
         prompts = [self.source] + self.targets
         n = len(prompts)
@@ -275,15 +290,18 @@ class PromptToPrompt:
 
         start_blend = int(self.blend.start_blend * steps) if self.blend is not None else steps
         last_mask = []
+        if self.blend is not None:  # on the device once, not at every step
+            blend_w = self.blend_w.to(sd.device)
+            sub_w = None if self.sub_w is None else self.sub_w.to(sd.device)
 
         def callback(step, t, xt):
             xt = follow_inversion(inversion, step, xt)
             if self.blend is not None and step >= start_blend and n > 1:
                 maps = store.aggregate(16)
-                mask = self.blend.mask(maps, self.blend_w.to(maps.device), hw, self.blend_th[0])
+                mask = self.blend.mask(maps, blend_w, hw, self.blend_th[0])
                 mask = mask[:1] | mask[1:]  # union of the source's and each target's region
-                if self.sub_w is not None:  # official: no pooling, the second threshold
-                    sub = self.blend.mask(maps, self.sub_w.to(maps.device), hw, self.blend_th[1], pool=False)
+                if sub_w is not None:  # official: no pooling, the second threshold
+                    sub = self.blend.mask(maps, sub_w, hw, self.blend_th[1], pool=False)
                     mask = mask & ~(sub[:1] | sub[1:])
                 xt = xt.clone()
                 xt[1:] = xt[:1] + mask.to(xt.dtype) * (xt[1:] - xt[:1])

@@ -43,6 +43,7 @@ import torch
 
 from ..hooks import StepContext
 from ..schedulers import classifier_free_guidance, invert, sample, timesteps
+from .batch import step_table
 from .visualize import SavesImages
 
 FEATURE_LAYERS = ("output_blocks.4.0",)
@@ -188,20 +189,24 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     ctx = torch.cat([src_ctx, sd.encode_prompt(texts)])
     neg = negative_prompt is not None
     rows = {"source": [0], "uncond": [1], "cond": [len(texts)], **({"negative": [2]} if neg else {})}
-    targets = [1] + ([2] if neg else []) + [len(texts)]
-    f_steps, a_steps = int(steps * feature_injection), int(steps * attention_injection)
+    # Every row after the source is translated; which steps inject is a table on the device, read with
+    # ctx.at_step, so the hooks neither branch on the step nor copy anything from the host.
+    translated = slice(1, 1 + len(texts))
+    step_ids = torch.arange(steps)
+    f_on = step_table(sd, step_ids < int(steps * feature_injection))
+    a_on = step_table(sd, step_ids < int(steps * attention_injection))
 
-    def inject(limit):
+    def inject(on):
         def fn(x, hook):
-            if hook.ctx is None or "source" not in hook.ctx.rows or hook.ctx.step >= limit:
+            if hook.ctx is None or "source" not in hook.ctx.rows:
                 return None
-            x = x.clone()
-            x[targets] = x[hook.ctx.rows["source"]]
-            return x
+            out = x.clone()
+            out[translated] = torch.where(hook.ctx.at_step(on), x[hook.ctx.slice("source")], x[translated])
+            return out
         return fn
 
-    hooks = {f"{l}.hook_h": inject(f_steps) for l in feature_layers}
-    hooks.update({f"{l}.{h}": inject(a_steps) for l in attention_layers for h in ("hook_q", "hook_k")})
+    hooks = {f"{l}.hook_h": inject(f_on) for l in feature_layers}
+    hooks.update({f"{l}.{h}": inject(a_on) for l in attention_layers for h in ("hook_q", "hook_k")})
 
     def denoise(x, t, step):
         src = zs[steps - step]  # the guidance image's latent at this step's noise level

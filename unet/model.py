@@ -192,13 +192,43 @@ class UNetModel(HookedModule):
         in float32 (float64 for a float64 model). Samplers then keep their state in float32
         whatever the model's dtype: a DDIM step moves x by a few percent, which fp16 / bf16
         latents (11 / 8 bit mantissas) would partly round away at every step.
+
+        This wrapper stays eager: it checks the input and turns a Python timestep into a tensor
+        before `core` (the part `compile()` compiles) sees it. A compiled function guards on the
+        value of every Python int it is given, so an int t would build a new graph at each step.
         """
         if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:  # else a matmul error deep inside
             raise ValueError(f"context must be [B, tokens, {self.cfg.context_dim}] text embeddings, "
                              f"got shape {tuple(context.shape)}")
+        if isinstance(t, torch.Tensor):
+            t = t.to(x.device).reshape(-1).expand(x.shape[0])
+        else:  # a fill kernel: torch.tensor(t, device=...) would copy from the host and wait for the GPU
+            t = torch.full((x.shape[0],), t, device=x.device)
+        ctx = self.ctx
+        if ctx is not None and (ctx.step_t is None or ctx.step_t.device != x.device):
+            ctx.step_t = torch.full((), ctx.step, dtype=torch.long, device=x.device)
+        return (self._compiled or self.core)(x, t, context)
+
+    _compiled = None
+
+    def compile(self, **kwargs):
+        """Compile `core` with `torch.compile(**kwargs)`; returns the model. One graph serves every
+        step (timesteps arrive as tensors). Hooks compile into it: attaching or detaching one makes
+        torch build (or reuse) the graph for the new set, never a stale one. A hook that branches
+        on Python values that change per call (`hook.ctx.step`) gets a graph per value until torch's
+        recompile limit (8), then runs eagerly: results stay right, only slower. Read per-step
+        tensors with `hook.ctx.at_step(table)` instead, as the editing methods do. `compile(backend=None)`
+        undoes it."""
+        if kwargs.get("backend", "inductor") is None:
+            self._compiled = None
+        else:
+            self._compiled = torch.compile(self.core, **kwargs)
+        return self
+
+    def core(self, x, t, context):
+        """The network: t is a [B] tensor. Called by `forward`."""
         dtype = self.time_embed[0].weight.dtype
         x, context = x.to(dtype), context.to(dtype)
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
         skips, h = [], x
         for block in self.input_blocks:
