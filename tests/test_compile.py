@@ -162,6 +162,19 @@ def test_the_editing_hooks_make_no_host_copies_or_syncs(on_meta):
         assert watch.ops == [caught]
 
 
+def test_channels_last_runs_and_agrees():
+    """Channels-last weights and latents (`bench/gpu.py --channels-last` times them on a GPU): the UNet
+    forces no layout, so it runs and agrees with the default layout; its token reshapes are then views."""
+    sd = sdlens.load()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    c = sd.encode_prompt([SRC, TGT])
+    with torch.no_grad():
+        want = sd.unet(x, 500, c)
+        sd.unet.to(memory_format=torch.channels_last)
+        got = sd.unet(x.to(memory_format=torch.channels_last), 500, c)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_step_context_slices_and_step_tables():
     ctx = StepContext(step=2, rows={"cond": [2, 3], "odd": [1, 3]}, step_t=torch.tensor(2))
     assert ctx.slice("cond") == slice(2, 4)
@@ -192,3 +205,23 @@ def test_inductor_matches_eager():
     assert graphs() == 1
     torch.testing.assert_close(edit(), want_edit, atol=1e-4, rtol=0)
     assert graphs() <= 3
+
+
+@pytest.mark.bench
+def test_every_editing_method_compiles_to_a_few_graphs():
+    """PnP (inversion + translation), MasaCtrl and null-text on a compiled UNet: a few graphs each, none
+    added by a run at another step count (measured: PnP 2, MasaCtrl 1, null-text 1)."""
+    torch._dynamo.reset()
+    counters.clear()
+    sd = sdlens.load().compile(backend="eager")
+    image = sd.generate(SRC, steps=2, seed=1, output="tensor", progress=False)
+    jobs = {"pnp": lambda n: translate(sd, image, TGT, steps=n, inversion_steps=n, progress=False),
+            "masactrl": lambda n: MasaCtrl(sd, SRC, "a big circle on the right", steps=n, start_step=2).run(
+                seed=0, progress=False),
+            "null-text": lambda n: sdlens.editing.invert_image(sd, image, SRC, "null-text", n, progress=False)}
+    for name, job in jobs.items():
+        before = graphs()
+        job(10)
+        made = graphs() - before
+        job(20)
+        assert 1 <= made <= 2 and graphs() - before == made, (name, made, dict(counters["stats"]))
