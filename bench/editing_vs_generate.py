@@ -1,10 +1,14 @@
-"""Editing cost against plain generation, measured side by side in one run.
+"""Generation against diffusers, and editing against plain generation, side by side in one run.
 
     python bench/editing_vs_generate.py                     # sdlens-tiny on the CPU
+    python bench/editing_vs_generate.py --random sd15 --size 128 --steps 10   # SD 1.5 topology, 16x16 latents
     python bench/editing_vs_generate.py --random sd15 --device cuda --dtype float16 --size 512
 
+- generate: two prompts, against diffusers' StableDiffusionPipeline with DDIM on the same weights
+  (written with `save_folder` and read back by diffusers) from the same latents; the images are
+  checked to agree first;
 - Prompt-to-Prompt: one edit of source + target against `generate` of the same two prompts;
-- null-text inversion of one image (50 steps, up to 10 inner steps each);
+- null-text inversion of one image (50 steps, up to 10 inner steps each), against a generate of one;
 - Plug-and-Play: a whole translation including its inversion, against `generate` of one image.
 Times: each job and its baseline run in one child process, interleaved `--repeats` times after
 a warm-up; the ratio is the median of the paired ratios. Peak memory: each job alone in a fresh
@@ -46,8 +50,13 @@ def make_runs(args, sd):
     image = sd.generate("a big red star on the left", steps=2, seed=1, height=size, width=size, output="tensor",
                         progress=False)
     src, tgt = "a big red circle on the left", "a big blue circle on the left"
+    f = sd.latent_factor
+    latents = torch.randn(2, 4, size // f, size // f, generator=torch.Generator().manual_seed(0))
     return {
-        "generate2": lambda: sd.generate([src, tgt], steps=steps, seed=0, height=size, width=size, progress=False),
+        "generate2": lambda: sd.generate([src, tgt], steps=steps, latents=latents, height=size, width=size,
+                                         output="tensor", progress=False),
+        "diffusers2": lambda: diffusers_twin(sd)([src, tgt], num_inference_steps=steps, latents=latents.to(sd.device, sd.dtype),
+                                                 height=size, width=size, output_type="pt").images,
         "p2p": lambda: PromptToPrompt(sd, src, [tgt], steps=steps).run(seed=0, height=size, width=size,
                                                                              progress=False),
         "p2p_low_memory": lambda: PromptToPrompt(sd, src, [tgt], steps=steps).run(seed=0, height=size, width=size,
@@ -59,11 +68,30 @@ def make_runs(args, sd):
     }
 
 
+_TWIN = {}
+
+
+def diffusers_twin(sd):
+    """diffusers' StableDiffusionPipeline (DDIM, as sdlens' scheduler config) on the same weights, built once."""
+    if id(sd) not in _TWIN:
+        import tempfile
+        from diffusers import StableDiffusionPipeline
+        from sdlens.weights.save import save_folder
+        with tempfile.TemporaryDirectory() as d:
+            save_folder(sd, f"{d}/model", dtype=sd.dtype)
+            pipe = StableDiffusionPipeline.from_pretrained(f"{d}/model", torch_dtype=sd.dtype, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        _TWIN[id(sd)] = pipe.to(sd.device)
+    return _TWIN[id(sd)]
+
+
 def memory_job(args, name, q):
     """Peak memory of one job, alone in a fresh process. CPU: the peak resident set only grows, so
     the baseline is read before the first run (model and inputs loaded). CUDA: the allocator's peak."""
     sd = build(args)
     run = make_runs(args, sd)[name]
+    if name == "diffusers2":
+        diffusers_twin(sd)  # building it is not the job's memory
     cuda = args.device.startswith("cuda")
     if cuda:
         run()  # warm-up: cuDNN/cuBLAS workspaces are not the job's memory
@@ -86,8 +114,10 @@ def time_job(args, names, q):
     sd = build(args)
     runs = make_runs(args, sd)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    for n in names:  # warm-up
-        runs[n]()
+    out = {n: runs[n]() for n in names}  # warm-up
+    if "diffusers2" in out:  # the same images, or the comparison means nothing
+        diff = (out["generate2"].float().cpu() - out["diffusers2"].float().cpu()).abs().max().item()
+        print(f"generate vs diffusers: max|image diff| {diff:.1e}", flush=True)
     sync()
     times = {n: [] for n in names}
     for _ in range(args.repeats):
@@ -108,7 +138,8 @@ def in_child(target, *a):
     return out
 
 
-PAIRS = {"p2p": "generate2", "p2p_low_memory": "generate2", "pnp": "generate1", "null_text": None}
+PAIRS = {"generate2": "diffusers2", "p2p": "generate2", "p2p_low_memory": "generate2", "pnp": "generate1",
+         "null_text": "generate1"}
 
 
 def main():
