@@ -4,8 +4,10 @@
     python bench/unet_vs_diffusers.py --device cuda --dtype float16 --latent 64 --batch 2
 
 Random weights (speed does not depend on them), copied from the diffusers model into ours, and
-the outputs are checked equal before timing. Runs alternate between the two models so that
-clock drift and thermal state hit both alike. Also reports the cost of the idle hook points.
+the outputs are checked equal before timing. Each model gets the timestep as its own sampler gives
+it: sdlens a Python int (`sdlens.schedulers.sample` iterates over ints), diffusers a 0-d tensor on
+the device, an element of `scheduler.timesteps` (StableDiffusionPipeline's loop). Runs alternate
+between the two models so that clock drift and thermal state hit both alike. Also reports the cost of the idle hook points.
 """
 import argparse
 import statistics
@@ -30,7 +32,7 @@ def main():
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from sdlens.unet import SD1, UNetModel
     from sdlens.weights.convert import unet_to_diffusers
 
@@ -45,25 +47,29 @@ def main():
     theirs.set_attn_processor(__import__("diffusers").models.attention_processor.AttnProcessor2_0())
     x = torch.randn(args.batch, 4, args.latent, args.latent, device=dev, dtype=dtype)
     ctx = torch.randn(args.batch, 77, 768, device=dev, dtype=dtype)
-    t = torch.tensor(501, device=dev)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(50, device=dev)  # as StableDiffusionPipeline does before its loop
+    tt = sched.timesteps[25]  # what diffusers' UNet is given: a 0-d tensor on the device (t = 481)
+    t = int(tt)  # what ours is given: a Python int, as sdlens' DDIM sampler passes it
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        a, b = ours(x, t, ctx), theirs(x, t, ctx).sample
+        a, b = ours(x, t, ctx), theirs(x, tt, ctx).sample
         err = (a.float() - b.float()).abs().max().item()
         for _ in range(2):  # warm-up
-            ours(x, t, ctx), theirs(x, t, ctx)
-        to, tt = [], []
+            ours(x, t, ctx), theirs(x, tt, ctx)
+        times_o, times_t = [], []
         for _ in range(args.reps):
-            to.append(timed(lambda: ours(x, t, ctx), sync))
-            tt.append(timed(lambda: theirs(x, t, ctx), sync))
+            times_o.append(timed(lambda: ours(x, t, ctx), sync))
+            times_t.append(timed(lambda: theirs(x, tt, ctx), sync))
     hp = ours.hook_point("hook_out")
     n = 100_000
     t0 = time.perf_counter()
     for _ in range(n):
         hp(x)
     per_call = (time.perf_counter() - t0) / n
-    mo, mt = statistics.median(to), statistics.median(tt)
-    print(f"device={dev} dtype={args.dtype} batch={args.batch} latent={args.latent} reps={args.reps} max|diff|={err:.2e}")
+    mo, mt = statistics.median(times_o), statistics.median(times_t)
+    print(f"device={dev} dtype={args.dtype} batch={args.batch} latent={args.latent} t={t} reps={args.reps} max|diff|={err:.2e}")
     print(f"sdlens    median {mo * 1e3:9.2f} ms")
     print(f"diffusers median {mt * 1e3:9.2f} ms")
     print(f"ratio sdlens/diffusers = {mo / mt:.3f}")
