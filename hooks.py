@@ -39,7 +39,7 @@ class StepContext:
     t: int = 0
     num_steps: int = 1
     rows: Dict[str, List[int]] = field(default_factory=dict)
-    step_t: Optional[torch.Tensor] = None
+    step_t: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def at_step(self, table: torch.Tensor) -> torch.Tensor:
         """Row `step` of a per-step `table` (on the model's device), gathered on the device. Plain
@@ -47,12 +47,21 @@ class StepContext:
         which waits for the GPU and makes a compiled graph specialise on the step."""
         return table.index_select(0, self.step_t.reshape(1))[0]
 
-    def slice(self, group: str) -> slice:
-        """The rows of `group` as a slice (KeyError if there is no such group)."""
-        rows = self.rows[group]
-        if not rows or list(rows) != list(range(rows[0], rows[0] + len(rows))):
-            raise ValueError(f"rows[{group!r}] = {rows} are not consecutive rows; index with the list instead")
-        return slice(rows[0], rows[0] + len(rows))
+    def eager_skip(self, active_steps) -> bool:
+        """True when a hook may return None at once: not compiling, and `active_steps[step]` (a per-run
+        Python list) says the hook does nothing at this step. The decision is free in eager mode (a
+        Python int, no wait for the device). Compiled code must not take it (a graph per step), so
+        there the hook runs and its table, read with `at_step`, leaves the values as they are."""
+        return not torch.compiler.is_compiling() and not active_steps[self.step]
+
+    def slice(self, group: str):
+        """The rows of `group` as a slice, to index with (KeyError if there is no such group). Rows
+        that are not consecutive (a sampler of your own may interleave them) come back as the list,
+        which indexes the same rows at the cost of an index copy."""
+        rows = list(self.rows[group])
+        if not rows:
+            return slice(0, 0)
+        return slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else rows
 
 
 @dataclass(frozen=True)
@@ -192,21 +201,21 @@ class HookedModule(nn.Module):
         """Record every value seen at the chosen points, over any number of calls.
 
         `with unet.record(lambda n: n.endswith("attn2.hook_probs")) as store: ...` leaves
-        `store[name]` as a list with one tensor per call of the model.
+        `store[name]` as a list with one tensor per call (per firing of the point).
         """
         store: Dict[str, List[torch.Tensor]] = {}
-        latest: Dict[str, torch.Tensor] = {}
+        latest: Dict[str, List[torch.Tensor]] = {}
 
         # The hooks only write this call's values into `latest`; the model's forward hooks, which run
         # eagerly around the (possibly compiled) forward, move them to the lists (and so does the
         # exit, for a call that raised). Appending inside the hooks would make a compiled UNet guard
         # on the lists' lengths and build a graph per call.
-        def save(x, hook):
-            latest[hook.name] = x.detach() if detach else x
+        def save(x, hook):  # a list made in this call: appending to it guards on nothing
+            latest.setdefault(hook.name, []).append(x.detach() if detach else x)
 
         def flush(*_):
-            for name, x in latest.items():
-                store.setdefault(name, []).append(x)
+            for name, xs in latest.items():
+                store.setdefault(name, []).extend(xs)
             latest.clear()
 
         handles = [self.register_forward_pre_hook(flush), self.register_forward_hook(flush)]

@@ -46,7 +46,7 @@ def step_table(sd, values: torch.Tensor) -> torch.Tensor:
     the model's device, moved once per run, and padded with zero rows to the scheduler's 1000
     timesteps (steps never exceed them). A compiled graph is specialised on the table's shape, so
     padding lets an edit of any step count reuse the graphs of another."""
-    rows = sd.scheduler.num_train_timesteps
+    rows = sd.scheduler.num_train_timesteps + 1  # P2P's cross schedule has steps + 1 rows
     pad = values.new_zeros((rows - values.shape[0],) + tuple(values.shape[1:]))
     return torch.cat([values, pad]).to(sd.device)
 

@@ -150,7 +150,7 @@ class MasaCtrl:
         """k or v [b, heads, n, d]: the target rows take their source row's from `start_step` on.
         The step is read as a tensor (`ctx.at_step`), so a compiled UNet keeps one graph."""
         ctx = hook.ctx
-        if ctx is None or not ctx.rows.get("target"):
+        if ctx is None or not ctx.rows.get("target") or ctx.eager_skip(self.edited_steps):
             return None
         on = ctx.at_step(self.on)
         out = x.clone()
@@ -173,7 +173,7 @@ class MasaCtrl:
         """[2, 16, 16]: the source's map of its word and the target's of its word, each min-max normalised."""
         m = torch.stack(self.maps).mean(0).reshape(-1, MASK_SIZE, MASK_SIZE, self.maps[0].shape[-1])
         src, tgt = rows["source"][0], rows["target"][0]
-        out = torch.stack([m[src][..., self.tokens[0]].sum(-1), m[tgt][..., self.tokens[1]].sum(-1)])
+        out = torch.stack([m[src][..., self.token_ids[0]].sum(-1), m[tgt][..., self.token_ids[1]].sum(-1)])
         lo, hi = out.flatten(1).min(1).values, out.flatten(1).max(1).values
         return (out - lo[:, None, None]) / (hi - lo)[:, None, None]
 
@@ -208,7 +208,10 @@ class MasaCtrl:
         return keep
 
     def hooks(self):
-        self.on = step_table(self.sd, torch.arange(self.steps) >= self.start_step)  # swap's edited steps
+        edited = torch.arange(self.steps) >= self.start_step  # swap's steps
+        self.edited_steps, self.on = edited.tolist(), step_table(self.sd, edited)
+        if self.tokens is not None:  # the word's token columns, as index tensors on the device once
+            self.token_ids = [torch.tensor(t, device=self.sd.device) for t in self.tokens]
         names = {}
         for point in ("q", "k", "v", "probs"):
             for n in self.sd.unet.hook_names(kind="self_attention", point=point):

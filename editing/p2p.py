@@ -205,25 +205,27 @@ class PromptToPrompt:
     # would wait for the GPU) and copy nothing from the host: the per-run tables are moved to the
     # model's device once (`on_device`), the step picks its row with `ctx.at_step`, and rows are
     # sliced. A compiled UNet then makes one graph for every step. Blending with 0/1 weights gives
-    # exactly the replaced or the own maps, as the official `repl * alpha + own * (1 - alpha)`.
+    # exactly the replaced or the own maps, as the official `repl * alpha + own * (1 - alpha)`. Uncompiled,
+# a step that the schedule leaves alone returns at once (`ctx.eager_skip`: a Python decision, free).
     def on_device(self):
         """The tables the hooks read, on the model's device (moved once per run; per-step ones padded
         by `step_table`, so that any step count reuses a compiled graph)."""
         mv = lambda x: None if x is None else x.to(self.sd.device)
         lo, hi = self.self_range
         steps = torch.arange(self.steps)
-        self.dev = dict(mapper=mv(self.mapper), swap=mv(self.swap),
+        self.tables = dict(mapper=mv(self.mapper), swap=mv(self.swap),
                         cross=step_table(self.sd, self.cross[:, :, None, None, :]),
                         map_alphas=None if self.map_alphas is None else mv(self.map_alphas)[:, None, None, :],
                         eq=None if self.eq is None else mv(self.eq)[:, None, None, :],
                         self_on=step_table(self.sd, (lo <= steps) & (steps < hi)))
-        return self.dev
+        self.active = dict(cross=[bool(a.any()) for a in self.cross], self=[lo <= i < hi for i in range(self.steps)])
+        return self.tables
 
     def edit_cross(self, probs, hook):
         ctx = hook.ctx
-        if ctx is None or not ctx.rows.get("target"):
+        if ctx is None or not ctx.rows.get("target") or ctx.eager_skip(self.active["cross"]):
             return None
-        d, dt = self.dev, probs.dtype
+        d, dt = self.tables, probs.dtype
         src, tgt = ctx.slice("source"), ctx.slice("target")
         base, own = probs[src], probs[tgt]  # [1, h, q, k], [T, h, q, k]
         if d["mapper"] is not None:  # refine (official: attn_base[:, :, mapper].permute(2, 0, 1, 3))
@@ -243,11 +245,11 @@ class PromptToPrompt:
 
     def edit_self(self, probs, hook):
         ctx = hook.ctx
-        if ctx is None or not ctx.rows.get("target"):
+        if ctx is None or not ctx.rows.get("target") or ctx.eager_skip(self.active["self"]):
             return None
         src, tgt = ctx.slice("source"), ctx.slice("target")
         out = probs.clone()
-        out[tgt] = torch.where(ctx.at_step(self.dev["self_on"]), probs[src], probs[tgt])
+        out[tgt] = torch.where(ctx.at_step(self.tables["self_on"]), probs[src], probs[tgt])
         return out
 
     def hooks(self, latent_hw):

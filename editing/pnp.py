@@ -193,12 +193,13 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     # ctx.at_step, so the hooks neither branch on the step nor copy anything from the host.
     translated = slice(1, 1 + len(texts))
     step_ids = torch.arange(steps)
-    f_on = step_table(sd, step_ids < int(steps * feature_injection))
-    a_on = step_table(sd, step_ids < int(steps * attention_injection))
+    f_on, a_on = step_ids < int(steps * feature_injection), step_ids < int(steps * attention_injection)
 
     def inject(on):
+        active, on = on.tolist(), step_table(sd, on)
+
         def fn(x, hook):
-            if hook.ctx is None or "source" not in hook.ctx.rows:
+            if hook.ctx is None or "source" not in hook.ctx.rows or hook.ctx.eager_skip(active):
                 return None
             out = x.clone()
             out[translated] = torch.where(hook.ctx.at_step(on), x[hook.ctx.slice("source")], x[translated])

@@ -178,8 +178,9 @@ def test_channels_last_runs_and_agrees():
 def test_step_context_slices_and_step_tables():
     ctx = StepContext(step=2, rows={"cond": [2, 3], "odd": [1, 3]}, step_t=torch.tensor(2))
     assert ctx.slice("cond") == slice(2, 4)
-    with pytest.raises(ValueError, match="consecutive"):
-        ctx.slice("odd")
+    assert ctx.slice("odd") == [1, 3]  # not consecutive: the list, which indexes the same rows
+    ctx.rows["none"] = []
+    assert ctx.slice("none") == slice(0, 0)
     table = torch.arange(12).reshape(6, 2)
     assert torch.equal(ctx.at_step(table), table[2])
 

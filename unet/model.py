@@ -204,10 +204,9 @@ class UNetModel(HookedModule):
             t = t.to(x.device).reshape(-1).expand(x.shape[0])
         else:  # a fill kernel: torch.tensor(t, device=...) would copy from the host and wait for the GPU
             t = torch.full((x.shape[0],), t, device=x.device)
-        ctx = self.ctx
-        if ctx is not None and (ctx.step_t is None or ctx.step_t.device != x.device):
-            ctx.step_t = torch.full((), ctx.step, dtype=torch.long, device=x.device)
-        return (self._compiled or self.core)(x, t, context)
+        if self.ctx is not None:  # refilled at every call, so a reused context never carries a stale step
+            self.ctx.step_t = torch.full((), self.ctx.step, dtype=torch.long, device=x.device)
+        return self.core(x, t, context) if self._compiled is None else self._compiled(self, x, t, context)
 
     _compiled = None
 
@@ -218,11 +217,12 @@ class UNetModel(HookedModule):
         on Python values that change per call (`hook.ctx.step`) gets a graph per value until torch's
         recompile limit (8), then runs eagerly: results stay right, only slower. Read per-step
         tensors with `hook.ctx.at_step(table)` instead, as the editing methods do. `compile(backend=None)`
-        undoes it."""
+        undoes it. (This replaces `nn.Module.compile`, which would compile the eager `forward` too.)
+        The unbound `UNetModel.core` is compiled, so a deep copy of the model runs its own weights."""
         if kwargs.get("backend", "inductor") is None:
             self._compiled = None
         else:
-            self._compiled = torch.compile(self.core, **kwargs)
+            self._compiled = torch.compile(UNetModel.core, **kwargs)
         return self
 
     def core(self, x, t, context):
