@@ -125,8 +125,10 @@ def judge(name, dtype, ours, theirs, ref):
     u = UNIT_ROUNDOFF[dtype]
     eo, et = rel_err(ours, ref), rel_err(theirs, ref)
     tol = 2 * et + u
+    # The rule says "no worse than diffusers": where diffusers itself overflowed (NaN), finite is enough.
+    ok = eo <= tol if et == et else eo == eo
     row = dict(check=name, dtype=str(dtype).replace("torch.", ""), err_sdlens=eo, err_diffusers=et,
-               sdlens_vs_diffusers=rel_err(ours, theirs), tolerance=tol, passed=bool(eo <= tol))
+               sdlens_vs_diffusers=rel_err(ours, theirs), tolerance=tol, passed=bool(ok))
     print(f"  {name:14s} {row['dtype']:9s} err sdlens {eo:.2e}  diffusers {et:.2e}  |sdlens-diffusers| "
           f"{row['sdlens_vs_diffusers']:.2e}  tol {tol:.2e}  {'pass' if row['passed'] else 'FAIL'}", flush=True)
     return row
@@ -195,6 +197,8 @@ def host_sync_check(sd, run):
             run()
         return dict(result="pass", point=first)
     except RuntimeError as e:
+        if "synchroniz" not in str(e):  # an out-of-memory or other failure is not a host sync
+            raise
         return dict(result="FAIL", point=first, error=str(e).splitlines()[0][:300])
     finally:
         torch.cuda.set_sync_debug_mode(prev)
