@@ -262,7 +262,8 @@ class Bench:
         # Count each microsecond once: on CUDA only the kernels themselves (an op's device time repeats its
         # kernels'), and never user annotations ("Torch-Compiled Region" spans a whole step).
         from torch.autograd import DeviceType
-        ev = [e for e in prof.key_averages() if not e.is_user_annotation and (not cuda or e.device_type == DeviceType.CUDA)]
+        ev = [e for e in prof.key_averages() if not e.is_user_annotation and "Compiled" not in e.key
+              and (not cuda or e.device_type == DeviceType.CUDA)]
         ev = sorted(ev, key=lambda e: getattr(e, key, 0), reverse=True)
         total = sum(getattr(e, key, 0) for e in ev) or 1
         top = [dict(name=e.key, self_us=getattr(e, key, 0), share=getattr(e, key, 0) / total, calls=e.count) for e in ev[:15]]
