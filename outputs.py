@@ -12,6 +12,7 @@ Used by the command line and by `tiny/demo.py` (library code never imports the c
 New files get mode 0666 minus the umask, as `open()` would give them; an overwritten file keeps its
 mode. (`tempfile.mkstemp` creates 0600 files, so a plain mkstemp + rename would turn 0644 into 0600.)
 """
+import json
 import os
 import shutil
 import tempfile
@@ -138,3 +139,21 @@ class Staged:
             for path in made:
                 os.rmdir(path)
             raise
+
+
+def read_resume_log(path, settings) -> list:
+    """The records of a JSON-lines resume log whose first line equals `settings`, else [] (the run starts
+    over). A last line cut short by an interruption, or a record `parse` rejects, ends the list there."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    try:
+        if not lines or json.loads(lines[0]) != settings:
+            return []
+        for line in lines[1:]:
+            records.append(json.loads(line))
+    except ValueError:  # a line cut short by the interruption: keep what came before it
+        pass
+    return records

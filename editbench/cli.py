@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..cli import add_model_args, finite, load_model, natural, positive
-from ..outputs import Staged, Text, check_target
+from ..outputs import Staged, Text, check_target, read_resume_log
 from . import run as bench
 
 TEST_HOOK = "SDLENS_EDIT_BENCH_STOP_AFTER"  # tests: interrupt (KeyboardInterrupt) after this many new rows
@@ -49,19 +49,11 @@ def partial_path(out, rank=None):
 
 def read_log(path, settings):
     """{(item, method): row} of a log written with the same settings, else {}."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        lines = f.read().splitlines()
     done = {}
-    try:
-        if not lines or json.loads(lines[0]) != settings:
-            return {}
-        for line in lines[1:]:
-            row = json.loads(line)
-            done[row["item"], row["method"]] = row
-    except (ValueError, KeyError, TypeError):  # a line cut short by the interruption: keep what came before it
-        pass
+    for row in read_resume_log(path, settings):
+        if not isinstance(row, dict) or "item" not in row or "method" not in row:
+            break  # a malformed record: keep what came before it
+        done[row["item"], row["method"]] = row
     return done
 
 

@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..cli import add_model_args, fraction, load_model, positive, preflight, seed
-from ..outputs import Staged, Text
+from ..outputs import Staged, Text, read_resume_log
 
 
 def add_parser(sub):
@@ -179,19 +179,11 @@ def cmd_spair(args):
 
 def resume(path, settings):
     """{pair file: rows} from an interrupted run with the same settings, else {} (the run starts over)."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        lines = f.read().splitlines()
     done = {}
-    try:
-        if not lines or json.loads(lines[0]) != settings:
-            return {}
-        for line in lines[1:]:
-            fname, rows = json.loads(line)
-            done[fname] = rows
-    except ValueError:  # a line cut short by the interruption: keep what came before it
-        pass
+    for record in read_resume_log(path, settings):
+        if not (isinstance(record, list) and len(record) == 2):
+            break  # a malformed record: keep what came before it
+        done[record[0]] = record[1]
     return done
 
 
