@@ -73,7 +73,9 @@ class HookInfo:
     model's output). point: the value seen, "h", "out", "q", "k", "v" or "probs".
     place: "down", "mid", "up", or "" for the model output. block: the index in input_blocks /
     output_blocks (0 for the middle block, -1 for the model output). level: the feature map is
-    2**level times smaller than the latent (`downscale`)."""
+    2**level times smaller than the latent (`downscale`). transformer_block: for points inside a
+    spatial transformer's `transformer_blocks.K`, K (SDXL has 2 or 10 per transformer, SD 1/2 one);
+    -1 elsewhere. MasaCtrl's layer count and the papers' "block N" tables need it."""
     name: str
     module: str
     point: str
@@ -81,6 +83,7 @@ class HookInfo:
     place: str
     block: int
     level: int
+    transformer_block: int = -1
 
     @property
     def downscale(self) -> int:

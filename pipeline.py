@@ -1,4 +1,7 @@
-"""The text-to-image pipeline: tokenizer -> CLIP text -> DDIM over the UNet -> VAE decode."""
+"""The text-to-image pipeline: tokenizer -> CLIP text -> DDIM over the UNet -> VAE decode.
+
+SDXL adds a second tokenizer and text encoder (OpenCLIP bigG), whose pooled vector and the image
+size enter the UNet as its added conditioning (`unet.model.pack_added_cond`)."""
 import math
 import numbers
 import warnings
@@ -9,27 +12,56 @@ import torch
 from PIL import Image
 
 from .hooks import StepContext
-from .schedulers import DDIMConfig, classifier_free_guidance, sample
+from .schedulers import DDIMConfig, classifier_free_guidance, sample, sample_euler_ancestral
 from .schedulers.ddim import check_eta
+from .unet.model import pack_added_cond
+
+SAMPLERS = ("ddim", "euler_ancestral")
+
+
+def uses_guidance(guidance_scale) -> bool:
+    """Whether classifier-free guidance runs (two passes, unconditional rows). w = 1 is the
+    conditional prediction; w = 0 means "no guidance" too, as diffusers (guidance only for w > 1)
+    and the turbo models' cards use it, not the unconditional prediction the formula would give."""
+    return guidance_scale not in (0, 1)
 
 
 class StableDiffusion:
     """The loaded model (`sdlens.load(...)`): `unet`, `vae`, `text_encoder`, `tokenizer`, the DDIM
-    `scheduler` config, and `default_size`, the side of the images it was trained on."""
+    `scheduler` config, and `default_size`, the side of the images it was trained on. SDXL also has
+    `text_encoder_2` and `tokenizer_2` (None otherwise) and `force_zeros_for_empty_prompt` (its
+    model_index.json: no negative prompt means a zero unconditional context). `name` is the preset
+    or folder it came from ("sdxl-turbo", ...), `defaults` the steps and guidance it is meant for."""
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: DDIMConfig, default_size: int = 512):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler: DDIMConfig, default_size: int = 512,
+                 text_encoder_2=None, tokenizer_2=None, force_zeros_for_empty_prompt=False, name="", defaults=None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler, self.default_size = scheduler, default_size
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt, self.name = force_zeros_for_empty_prompt, name
+        self.defaults = dict(defaults or {})
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def family(self) -> str:
+        if self.is_sdxl:
+            return "SDXL"
+        # CLIP L / OpenCLIP H
+        return {768: "SD 1.x", 1024: "SD 2.x"}.get(self.unet.cfg.context_dim, "SD architecture, custom widths")
 
     def __repr__(self):
         ctx = self.unet.cfg.context_dim
-        family = {768: "SD 1.x", 1024: "SD 2.x"}.get(ctx, "SD architecture, custom widths")  # CLIP L / OpenCLIP H
         s, f, c = self.default_size, self.latent_factor, self.unet.cfg.in_channels
         millions = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
-        return (f"StableDiffusion({family}: {s}x{s} images, latents [B, {c}, {s // f}, {s // f}] (VAE factor {f}), "
-                f"{self.dtype} on {self.device} (VAE float32), {self.scheduler.prediction_type} prediction, "
-                f"{len(self.unet.hook_names())} hook points; UNet {millions(self.unet)}, "
-                f"text encoder {millions(self.text_encoder)} (context {ctx}), VAE {millions(self.vae)} parameters)")
+        text = millions(self.text_encoder) + (f" + {millions(self.text_encoder_2)}" if self.is_sdxl else "")
+        name = f" {self.name}," if self.name else ""
+        return (f"StableDiffusion({self.family}:{name} {s}x{s} images, latents [B, {c}, {s // f}, {s // f}] "
+                f"(VAE factor {f}), {self.dtype} on {self.device} (VAE float32), {self.scheduler.prediction_type} "
+                f"prediction, {len(self.unet.hook_names())} hook points; UNet {millions(self.unet)}, "
+                f"text encoder {text} (context {ctx}), VAE {millions(self.vae)} parameters)")
 
     def compile(self, **kwargs):
         """Compile the UNet, where nearly all the time goes, with `torch.compile(**kwargs)`; returns self.
@@ -60,23 +92,56 @@ class StableDiffusion:
         return 2 ** (len(self.vae.cfg.ch_mult) - 1)
 
     # ---- building blocks ----
-    def tokenize(self, prompts: List[str]) -> torch.Tensor:
-        """Prompts -> [B, 77] CLIP token ids, padded; a prompt longer than 77 tokens is cut (with a warning)."""
+    def tokenize(self, prompts: List[str], tokenizer=None) -> torch.Tensor:
+        """Prompts -> [B, 77] CLIP token ids, padded; a prompt longer than 77 tokens is cut (with a warning).
+        Word positions (P2P's) come from this, the first tokenizer, on SDXL too: both have the same vocabulary."""
+        tok = tokenizer or self.tokenizer
         n = self.text_encoder.cfg.max_positions
-        for p in prompts:
-            ids = self.tokenizer(p).input_ids
-            if len(ids) > n:
-                warnings.warn(f"prompt is {len(ids)} tokens, longer than {n}; truncated to: "
-                              f"{self.tokenizer.decode(ids[1:n - 1])!r}")
-        ids = self.tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+        if tokenizer is None:  # warn once, not once per tokenizer
+            for p in prompts:
+                ids = tok(p).input_ids
+                if len(ids) > n:
+                    warnings.warn(f"prompt is {len(ids)} tokens, longer than {n}; truncated to: "
+                                  f"{tok.decode(ids[1:n - 1])!r}")
+        ids = tok(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
         return ids.to(self.device)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: Union[str, List[str]]) -> torch.Tensor:
+    def encode_prompt(self, prompts: Union[str, List[str]], size=None) -> torch.Tensor:
         """A prompt or a list of them (any strings, "" for the unconditional one) -> [B, 77, D] text
-        embeddings, the UNet's cross-attention context (D = 768 for SD 1.x, 1024 for SD 2.x)."""
+        embeddings, the UNet's cross-attention context (D = 768 for SD 1.x, 1024 for SD 2.x).
+
+        SDXL: [B, 78, 2048], CLIP-L's 768 ‖ bigG's 1280 per token, then the added-conditioning row
+        (bigG's pooled vector and the time ids: original size, crop (0, 0), target size, as diffusers'
+        defaults). `size` = (height, width) of the image, default `default_size` square."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return self.text_encoder(self.tokenize(prompts))
+        if not self.is_sdxl:
+            return self.text_encoder(self.tokenize(prompts))
+        tokens_l = self.text_encoder(self.tokenize(prompts))
+        tokens_g, pooled = self.text_encoder_2.encode(self.tokenize(prompts, self.tokenizer_2))
+        tokens = torch.cat([tokens_l, tokens_g.to(tokens_l.dtype)], dim=-1)
+        return pack_added_cond(tokens, pooled.to(tokens.dtype), self.time_ids(len(prompts), size), self.unet.cfg)
+
+    def time_ids(self, batch, size=None):
+        """SDXL's size conditioning [B, 6]: original (h, w), crop (top, left) = (0, 0), target (h, w)."""
+        h, w = (self.default_size,) * 2 if size is None else size
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=self.device).expand(batch, 6)
+
+    @torch.no_grad()
+    def encode_negative(self, negative_prompt, batch: int, size=None) -> torch.Tensor:
+        """The unconditional context for `batch` rows: None means "" (SD 1/2), or zeros where the model
+        says `force_zeros_for_empty_prompt` (SDXL: zero tokens and pooled vector, the time ids kept,
+        as diffusers and sgm do). An explicit "" is always encoded."""
+        if negative_prompt is None and self.force_zeros_for_empty_prompt:
+            cfg = self.unet.cfg
+            tokens = torch.zeros(batch, self.text_encoder.cfg.max_positions, cfg.context_dim, device=self.device,
+                                 dtype=self.dtype)
+            return pack_added_cond(tokens, tokens.new_zeros(batch, cfg.pooled_dim), self.time_ids(batch, size), cfg)
+        neg = "" if negative_prompt is None else negative_prompt
+        neg = [neg] * batch if isinstance(neg, str) else _strings(neg, "negative_prompt")
+        if len(neg) != batch:
+            raise ValueError(f"{len(neg)} negative prompts for {batch} prompts; give one, or one per prompt")
+        return self.encode_prompt(neg, size)
 
     @torch.no_grad()
     def encode_image(self, image) -> torch.Tensor:
@@ -124,7 +189,7 @@ class StableDiffusion:
         2022: eps = eps_u + w (eps_c - eps_u)). It sets the hook context before each call: the
         sampler's step is the only place the step is known.
         """
-        n = context.shape[0] // 2 if guidance_scale != 1.0 else 0
+        n = context.shape[0] // 2 if uses_guidance(guidance_scale) else 0
         rows = rows or ({"uncond": list(range(n)), "cond": list(range(n, 2 * n))} if n else
                         {"cond": list(range(context.shape[0]))})
 
@@ -137,19 +202,26 @@ class StableDiffusion:
 
     # ---- generation ----
     @torch.no_grad()
-    def generate(self, prompt, *, negative_prompt=None, steps=50, guidance_scale=7.5, eta=0.0, seed=None,
-                 latents=None, height=None, width=None, output="pil", progress=True):
-        """Text to images with DDIM and classifier-free guidance.
+    def generate(self, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, eta=0.0, seed=None,
+                 latents=None, height=None, width=None, output="pil", progress=True, sampler="ddim"):
+        """Text to images with DDIM (or Euler ancestral) and classifier-free guidance.
 
-        prompt: a string or a list of B strings. negative_prompt: None (""), a string, or B strings.
-        steps: DDIM steps, 1 to 999 (official 50). guidance_scale: w, any number; 1 turns guidance
-        off (one UNet pass), SD's usual 7.5. eta: 0 (deterministic DDIM) to 1 (DDPM-like noise).
+        prompt: a string or a list of B strings. negative_prompt: None ("", or zeros on SDXL), a
+        string, or B strings. steps: 1 to 999; None is the model's `defaults` (50; 1 for the turbo
+        models). guidance_scale: w, any number; 0 and 1 turn guidance off (one UNet pass); None is the
+        model's default (SD's usual 7.5; 0 for turbo). eta: 0 (deterministic DDIM) to 1 (DDPM-like noise).
+        sampler: "ddim", or "euler_ancestral" (the turbo models' own, equal to diffusers' given the
+        same generator; eta does not apply).
         seed: an int for reproducible noise, None for fresh noise. latents: the starting noise
         instead, [B, 4, height/f, width/f] with f = `latent_factor` (8 for SD, 4 for sdlens-tiny:
         [B, 4, 16, 16] at its 64x64). height, width: multiples of 8, default `default_size`; far from
         it a warning says so. output: "pil" (a list of B PIL images) or "tensor" ([B,3,H,W] in [0,1],
         on the CPU). progress: a tqdm bar on stderr."""
         prompts = _strings(prompt, "prompt")
+        steps = self.defaults.get("steps", 50) if steps is None else steps
+        guidance_scale = self.defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
         if output not in ("pil", "tensor"):
             raise ValueError(f"output must be 'pil' or 'tensor', not {output!r}")
         height, width = self.check_size(height, width)
@@ -165,12 +237,9 @@ class StableDiffusion:
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor, not {type(latents).__name__}")
         b = len(prompts)
-        neg = "" if negative_prompt is None else negative_prompt
-        neg = [neg] * b if isinstance(neg, str) else _strings(neg, "negative_prompt")
-        if len(neg) != b:
-            raise ValueError(f"{len(neg)} negative prompts for {b} prompts; give one, or one per prompt")
-        cond = self.encode_prompt(prompts)
-        context = torch.cat([self.encode_prompt(neg), cond]) if guidance_scale != 1.0 else cond
+        uncond = self.encode_negative(negative_prompt, b, (height, width))  # checks it even without guidance
+        cond = self.encode_prompt(prompts, (height, width))
+        context = torch.cat([uncond, cond]) if uses_guidance(guidance_scale) else cond
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         f = self.latent_factor
         shape = (b, self.unet.cfg.in_channels, height // f, width // f)
@@ -179,8 +248,11 @@ class StableDiffusion:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         x = latents.to(self.device, self.latent_dtype)
-        x = sample(self.denoiser(context, guidance_scale, steps), x, self.scheduler, steps, eta, generator,
-                   progress=progress)
+        denoise = self.denoiser(context, guidance_scale, steps)
+        if sampler == "ddim":
+            x = sample(denoise, x, self.scheduler, steps, eta, generator, progress=progress)
+        else:
+            x = sample_euler_ancestral(denoise, x, self.scheduler, steps, generator, progress=progress)
         images = self.decode_latents(x)
         return images.cpu() if output == "tensor" else to_pil(images)
 

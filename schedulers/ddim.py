@@ -2,11 +2,14 @@
 
 The noise schedule and timestep spacing are those of SD's scheduler config: "scaled_linear"
 betas from 0.00085 to 0.012 over 1000 steps, "leading" spacing with `steps_offset` 1, and
-`set_alpha_to_one` False. Notation: a_t = alpha-bar_t, the cumulative product of (1 - beta).
+`set_alpha_to_one` False. The turbo models use "trailing" spacing (Lin et al. 2024, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed", table 2), which starts at t = 999.
+Notation: a_t = alpha-bar_t, the cumulative product of (1 - beta).
 """
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
+import numpy as np
 import torch
 
 
@@ -19,6 +22,14 @@ class DDIMConfig:
     steps_offset: int = 1
     set_alpha_to_one: bool = False
     prediction_type: str = "epsilon"  # or "v_prediction" (Salimans & Ho 2022)
+    timestep_spacing: str = "leading"  # or "trailing" (the turbo models), "linspace"
+
+    def __post_init__(self):
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not one of {', '.join(SPACINGS)}")
+
+
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 def alphas_cumprod(cfg: DDIMConfig) -> torch.Tensor:
@@ -33,10 +44,18 @@ def alphas_cumprod(cfg: DDIMConfig) -> torch.Tensor:
 
 
 def timesteps(cfg: DDIMConfig, steps: int) -> List[int]:
-    """Descending timesteps with "leading" spacing: 981, 961, ..., 1 for 50 steps."""
+    """Descending timesteps, as diffusers' DDIMScheduler.set_timesteps spaces them: "leading"
+    981, 961, ..., 1 for 50 steps (steps_offset 1); "trailing" 999, 979, ..., 19; "linspace"
+    999, ..., 0 rounded. The step after t is always t - num_train_timesteps // steps (DDIM's
+    `prev_timestep`), whatever the spacing."""
     if not 1 <= steps <= cfg.num_train_timesteps:
         raise ValueError(f"steps must be between 1 and {cfg.num_train_timesteps}, got {steps}")
-    ratio = cfg.num_train_timesteps // steps
+    n = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "trailing":  # numpy as diffusers does it: its float arange fixes the count
+        return [int(t) for t in np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1]
+    if cfg.timestep_spacing == "linspace":
+        return [int(t) for t in np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)]
+    ratio = n // steps
     ts = [i * ratio + cfg.steps_offset for i in reversed(range(steps))]
     if ts[0] >= cfg.num_train_timesteps:  # SD's steps_offset 1 at 1000 steps would start at t = 1000
         n = cfg.num_train_timesteps

@@ -88,6 +88,6 @@ def test_detection_at_full_size(which):
         # OpenCLIP ViT-H text layout, as in v2-1_768-ema-pruned: fused in_proj, c_fc/c_proj, ln_final
         assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in sd2_keys
         assert sd["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (3072, 1024)
-    family, u, v, t = detect_single_file(MetaFile(sd))
+    family, u, v, t, _ = detect_single_file(MetaFile(sd))
     assert family == ("SD 2.x" if sd2 else "SD 1.x")
     assert (u, v, t) == (ucfg, VAEConfig(), text_presets.SD2 if sd2 else text_presets.SD1)

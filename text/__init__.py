@@ -1,1 +1,1 @@
-from .clip import CLIPTextEncoder, TextConfig
+from .clip import SDXL_G, SDXL_L, CLIPTextEncoder, TextConfig

@@ -5,6 +5,12 @@ which is also the Hugging Face layout). SD 2.x's OpenCLIP ViT-H text tower is th
 with GELU instead of quick-GELU; the loader maps its keys and fused `in_proj` here. SD 2 uses
 the penultimate layer, so its config simply has one layer fewer (23 of 24), and the final layer
 norm is applied in both cases.
+
+SDXL has two encoders, CLIP ViT-L (HF layout) and OpenCLIP ViT-bigG, and conditions on each one's
+penultimate hidden state with NO final layer norm (sgm `FrozenCLIPEmbedder(layer="hidden",
+layer_idx=11)`, `FrozenOpenCLIPEmbedder2(layer="penultimate")`; diffusers `hidden_states[-2]`):
+`output="penultimate"`. bigG also gives the pooled vector, `ln_final(last)[EOS] @ text_projection`,
+which `text_projection` (Hugging Face's `CLIPTextModelWithProjection` name) computes.
 """
 from dataclasses import dataclass
 
@@ -22,11 +28,17 @@ class TextConfig:
     intermediate_size: int = 3072
     max_positions: int = 77
     act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP ViT-H uses "gelu"
+    output: str = "last"  # the context: "last" (final layer norm of the last layer) or "penultimate" (SDXL)
+    projection_dim: int = 0  # > 0: a `text_projection` gives the pooled vector (SDXL's bigG)
     # Padding is the tokenizer's business: SD 1 pads with <|endoftext|>, SD 2 with "!" (id 0).
 
 
 SD1 = TextConfig()
 SD2 = TextConfig(hidden_size=1024, num_layers=23, num_heads=16, intermediate_size=4096, act="gelu")
+# SDXL (sgm sd_xl_base.yaml conditioner): CLIP ViT-L and OpenCLIP ViT-bigG/14, both whole, read at the penultimate layer.
+SDXL_L = TextConfig(output="penultimate")
+SDXL_G = TextConfig(hidden_size=1280, num_layers=32, num_heads=20, intermediate_size=5120, act="gelu",
+                    output="penultimate", projection_dim=1280)
 
 
 def quick_gelu(x):
@@ -91,11 +103,13 @@ class TextTransformer(nn.Module):
         self.embeddings, self.encoder = Embeddings(cfg), Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size)
 
-    def forward(self, ids):
+    def forward(self, ids, penultimate=False):
+        """The final layer norm of the last layer; with `penultimate`, also the state before the last layer."""
         x = self.embeddings(ids)
+        before_last = x
         for layer in self.encoder.layers:
-            x = layer(x)
-        return self.final_layer_norm(x)
+            before_last, x = x, layer(x)
+        return (self.final_layer_norm(x), before_last) if penultimate else self.final_layer_norm(x)
 
 
 class CLIPTextEncoder(nn.Module):
@@ -105,6 +119,20 @@ class CLIPTextEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.text_model = TextTransformer(cfg)
+        if cfg.projection_dim:
+            self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
 
     def forward(self, ids):
-        return self.text_model(ids)
+        return self.encode(ids)[0]
+
+    def encode(self, ids):
+        """(context [B, 77, D], pooled [B, projection_dim] or None). The pooled vector reads the EOS
+        token, the largest id, found with argmax as OpenCLIP does (the first EOS when padding with it)."""
+        if self.cfg.output == "last":
+            last = context = self.text_model(ids)
+        else:
+            last, context = self.text_model(ids, penultimate=True)
+        if not self.cfg.projection_dim:
+            return context, None
+        eos = last[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
+        return context, self.text_projection(eos)

@@ -1,2 +1,2 @@
-from .config import SD1, SD2, SD2_V, UNetConfig
+from .config import SD1, SD2, SD2_V, SDXL, UNetConfig
 from .model import UNetModel

@@ -90,20 +90,21 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Image features [B,C,H,W] -> tokens [B,HW,C] -> transformer block -> back, plus a residual.
+    """Image features [B,C,H,W] -> tokens [B,HW,C] -> transformer blocks -> back, plus a residual.
 
+    SD 1/2 have one transformer block in each; SDXL has `depth` 2 or 10 (`transformer_blocks.0-9`).
     SD 1 projects in and out with 1x1 convolutions, SD 2 with Linear layers on the tokens (the
     same map, stored with a different weight shape).
     """
 
-    def __init__(self, channels, heads, context_dim, linear=False, upcast=False, groups=32):
+    def __init__(self, channels, heads, context_dim, linear=False, upcast=False, groups=32, depth=1):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         proj = (lambda: nn.Linear(channels, channels)) if linear else (lambda: nn.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, channels // heads, context_dim, upcast)])
+            [BasicTransformerBlock(channels, heads, channels // heads, context_dim, upcast) for _ in range(depth)])
         self.proj_out = proj()
         self.hook_out = HookPoint()
 

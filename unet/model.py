@@ -8,6 +8,12 @@ Layout of the module tree, which is also the layout of the checkpoint keys:
     middle_block.{0: ResBlock, 1: SpatialTransformer, 2: ResBlock}
     output_blocks.N.{0: ResBlock, 1: SpatialTransformer, 1|2: Upsample}
     out.{0: GroupNorm, 2: conv}
+    label_emb.0.{0,2}                    SDXL: MLP on the added conditioning (pooled text, sizes, crop)
+
+SDXL's added conditioning travels inside the context, as one extra row after the text tokens
+(`pack_added_cond`): every method that concatenates, slices or optimises contexts (P2P's batch,
+null-text's unconditional embedding) then handles it with no code of its own, and cross-attention
+still sees the 77 text tokens.
 """
 import math
 
@@ -16,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hooks import HookedModule, HookInfo, HookPoint
-from .attention import Attention, SpatialTransformer
+from .attention import Attention, BasicTransformerBlock, SpatialTransformer
 from .config import UNetConfig
 
 
@@ -26,6 +32,24 @@ def timestep_embedding(t, dim, max_period=10000):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def pack_added_cond(tokens, pooled, time_ids, cfg: UNetConfig):
+    """SDXL's context: text tokens [B, 77, D] plus one row [pooled text | 6 time ids | zeros].
+
+    time_ids are (original height, width, crop top, left, target height, width) in pixels, as sgm's
+    conditioner and diffusers' `add_time_ids` order them."""
+    b, _, d = tokens.shape
+    row = tokens.new_zeros(b, 1, d)
+    row[:, 0, :cfg.pooled_dim] = pooled
+    row[:, 0, cfg.pooled_dim:cfg.pooled_dim + 6] = time_ids.to(tokens)
+    return torch.cat([tokens, row], dim=1)
+
+
+def unpack_added_cond(context, cfg: UNetConfig):
+    """The inverse of `pack_added_cond`: (tokens, pooled, time_ids)."""
+    row = context[:, -1]
+    return context[:, :-1], row[:, :cfg.pooled_dim], row[:, cfg.pooled_dim:cfg.pooled_dim + 6]
 
 
 class ResBlock(nn.Module):
@@ -113,12 +137,12 @@ def locate_hooks(model) -> dict:
     it, its place and level from the Block around it. Nothing is read from the names."""
     infos = {}
 
-    def visit(module, path, block):
+    def visit(module, path, block, sub=-1):
         block = module if isinstance(module, Block) else block
         for child_name, child in module.named_children():
             name = f"{path}.{child_name}" if path else child_name
-            if not isinstance(child, HookPoint):
-                visit(child, name, block)
+            if not isinstance(child, HookPoint):  # a transformer block passes on its index in transformer_blocks
+                visit(child, name, block, int(child_name) if isinstance(child, BasicTransformerBlock) else sub)
                 continue
             if isinstance(module, Attention):
                 kind = "cross_attention" if module.is_cross else "self_attention"
@@ -130,7 +154,7 @@ def locate_hooks(model) -> dict:
                 level = block.out_level if module is block else block.level
                 place, index = block.place, block.index
             infos[name] = HookInfo(name=name, module=path, point=child_name[len("hook_"):], kind=kind,
-                                   place=place, block=index, level=level)
+                                   place=place, block=index, level=level, transformer_block=sub)
 
     visit(model, "", None)
     return infos
@@ -145,8 +169,11 @@ class UNetModel(HookedModule):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def transformer(ch, level):
-            return SpatialTransformer(ch, cfg.num_heads[level], cfg.context_dim,
-                                      cfg.use_linear_in_transformer, cfg.upcast_attention, groups)
+            return SpatialTransformer(ch, cfg.num_heads[level], cfg.context_dim, cfg.use_linear_in_transformer,
+                                      cfg.upcast_attention, groups, cfg.depth(level))
+        if cfg.adm_in_channels:  # sgm: label_emb = Sequential(Sequential(linear, SiLU, linear))
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         block = lambda layers, place, level: Block(layers, place, len(blocks[place]), level)
         blocks = {"down": [], "up": []}
@@ -198,7 +225,8 @@ class UNetModel(HookedModule):
         value of every Python int it is given, so an int t would build a new graph at each step.
         """
         if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:  # else a matmul error deep inside
-            raise ValueError(f"context must be [B, tokens, {self.cfg.context_dim}] text embeddings, "
+            extra = " plus SDXL's added-conditioning row (sd.encode_prompt makes it)" if self.cfg.adm_in_channels else ""
+            raise ValueError(f"context must be [B, tokens, {self.cfg.context_dim}] text embeddings{extra}, "
                              f"got shape {tuple(context.shape)}")
         if isinstance(t, torch.Tensor):
             t = t.to(x.device).reshape(-1).expand(x.shape[0])
@@ -228,8 +256,13 @@ class UNetModel(HookedModule):
     def core(self, x, t, context):
         """The network: t is a [B] tensor. Called by `forward`."""
         dtype = self.time_embed[0].weight.dtype
-        x, context = x.to(dtype), context.to(dtype)
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+        if self.cfg.adm_in_channels:  # SDXL: emb += MLP([pooled text, embedded sizes and crop])
+            context, pooled, time_ids = unpack_added_cond(context, self.cfg)
+            # the sizes are embedded from float32: in bf16, 1000 would already be 1000 but 1001 not
+            ids = timestep_embedding(time_ids.float().reshape(-1), self.cfg.time_id_dim).reshape(len(x), -1)
+            emb = emb + self.label_emb(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=1))
+        x, context = x.to(dtype), context.to(dtype)
         skips, h = [], x
         for block in self.input_blocks:
             h = block(h, emb, context)
@@ -249,7 +282,7 @@ class UNetModel(HookedModule):
         with torch.device("meta"):
             twin = UNetModel(self.cfg)
             x = torch.zeros(batch, self.cfg.in_channels, height, width)
-            context = torch.zeros(batch, 77, self.cfg.context_dim)
+            context = torch.zeros(batch, 77 + bool(self.cfg.adm_in_channels), self.cfg.context_dim)
         with twin.record(lambda n: True) as store:  # hook_probs too: on meta it costs nothing
             twin(x, 1, context)
         return {n: tuple(v[0].shape) for n, v in store.items()}

@@ -9,9 +9,9 @@
 A config that cannot build a working model (a size of 0, a width that its heads or norm groups do
 not divide) is refused here with the file and the field, not later with a ZeroDivisionError.
 """
+import dataclasses
 import json
 import os
-import warnings
 
 from ..schedulers import DDIMConfig
 from ..text import TextConfig
@@ -32,7 +32,12 @@ SIZES = {"in_channels", "out_channels", "layers_per_block", "cross_attention_dim
          "block_out_channels", "attention_head_dim", "num_attention_heads", "latent_channels", "vocab_size",
          "hidden_size", "intermediate_size", "num_hidden_layers", "max_position_embeddings", "num_train_timesteps",
          "model_channels", "channel_mult", "num_res_blocks", "num_heads", "context_dim", "norm_groups", "ch",
-         "ch_mult", "z_channels", "num_layers", "max_positions", "default_size"}
+         "ch_mult", "z_channels", "num_layers", "max_positions", "default_size", "projection_dim",
+         "addition_time_embed_dim", "projection_class_embeddings_input_dim"}
+
+
+NULLABLE = {"attention_head_dim", "num_attention_heads", "addition_time_embed_dim",
+            "projection_class_embeddings_input_dim", "projection_dim"}
 
 
 def check_sizes(d, path):
@@ -41,7 +46,7 @@ def check_sizes(d, path):
         raise WeightsError(f"{path}: expected a JSON object {{...}}, found a {type(d).__name__}")
     pos = lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0
     for k, v in d.items():
-        if k not in SIZES or (v is None and k in ("attention_head_dim", "num_attention_heads")):  # diffusers' null
+        if k not in SIZES or (v is None and k in NULLABLE) or (k == "projection_dim" and v == 0):  # 0: none
             continue
         if not (pos(v) or (isinstance(v, (list, tuple)) and v and all(pos(x) for x in v))):
             what = "a list of positive integers" if isinstance(v, (list, tuple)) else "a positive integer"
@@ -60,9 +65,21 @@ def read_json(path):
         raise WeightsError(f"{path}: not valid JSON ({_short(e)})") from None
 
 
-def structure_problem(u: UNetConfig, v: VAEConfig, t: TextConfig):
+def structure_problem(u: UNetConfig, v: VAEConfig, t: TextConfig, t2: TextConfig = None):
     """Why these configs cannot build a working model, or None. GroupNorm needs the channels
-    divisible by the groups, attention the width divisible by the heads."""
+    divisible by the groups, attention the width divisible by the heads; SDXL's two encoders must
+    fill the context and the pooled vector the added conditioning."""
+    if u.adm_in_channels or t2 is not None:
+        if t2 is None or not u.adm_in_channels:
+            return "an SDXL model needs both the UNet's added conditioning and a second text encoder"
+        if t.hidden_size + t2.hidden_size != u.context_dim:
+            return f"the text widths {t.hidden_size} + {t2.hidden_size} do not make the UNet's context {u.context_dim}"
+        if t2.projection_dim != u.pooled_dim or u.pooled_dim + 6 > u.context_dim:
+            return (f"the pooled text vector ({t2.projection_dim}) and 6 x {u.time_id_dim} time ids do not make "
+                    f"the UNet's added conditioning ({u.adm_in_channels}), or do not fit in a context row")
+        problem = structure_problem(dataclasses.replace(u, adm_in_channels=0), v, t2)
+        if problem:
+            return problem
     last = len(u.channel_mult) - 1
     for i, m in enumerate(u.channel_mult):
         c = u.model_channels * m
@@ -86,18 +103,40 @@ def _mult(channels, path, key):
     return tuple(c // channels[0] for c in channels)
 
 
-def configs_from_diffusers(uc, vc, tc, where="."):
-    """The three config.json dicts of a diffusers folder -> our configs (`where`: the folder, for messages)."""
+def text_config(tc, path, sdxl=False):
+    """A transformers CLIP text config.json dict -> TextConfig. SDXL reads both encoders at the
+    penultimate layer; its second (`CLIPTextModelWithProjection`) also has the pooled projection."""
+    check_sizes(tc, path)
+    try:
+        proj = tc.get("projection_dim", 0) if "WithProjection" in str(tc.get("architectures", "")) else 0
+        return TextConfig(vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], num_layers=tc["num_hidden_layers"],
+                          num_heads=tc["num_attention_heads"], intermediate_size=tc["intermediate_size"],
+                          max_positions=tc["max_position_embeddings"], act=tc.get("hidden_act", "quick_gelu"),
+                          output="penultimate" if sdxl else "last", projection_dim=proj if sdxl else 0)
+    except KeyError as e:
+        raise WeightsError(f"{path}: no {e} field") from None
+
+
+def configs_from_diffusers(uc, vc, tc, where=".", tc2=None):
+    """The config.json dicts of a diffusers folder -> our configs (`where`: the folder, for messages).
+    `tc2`: SDXL's text_encoder_2 config; then the result has a fourth entry, its TextConfig."""
     up, vp, tp = (os.path.join(where, s, "config.json") for s in ("unet", "vae", "text_encoder"))
     for d, p in ((uc, up), (vc, vp), (tc, tp)):
         check_sizes(d, p)
-    unsupported = [k for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim") if uc.get(k)]
+    sdxl = uc.get("addition_embed_type") == "text_time"  # SDXL's added conditioning
+    unsupported = [k for k in ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim",
+                               "reverse_transformer_layers_per_block") if uc.get(k) and not (sdxl and k == "addition_embed_type")]
+    boc = uc.get("block_out_channels") or [0]
     tl = uc.get("transformer_layers_per_block", 1)
-    tl = list(tl) if isinstance(tl, (list, tuple)) else tl
+    tl = tuple(tl) if isinstance(tl, (list, tuple)) else (tl,) * len(boc)
+    if sdxl and tc2 is None:
+        raise WeightsError(f"{up} is an SDXL UNet (addition_embed_type text_time) but the folder has no "
+                           "text_encoder_2/; copy it from the model's repository")
     try:
-        if unsupported or tl not in (1, [1] * len(uc["block_out_channels"])) or uc.get("only_cross_attention"):
-            raise WeightsError(f"{up} uses {unsupported or 'transformer_layers_per_block != 1'}; "
-                               "this is not an SD 1.x/2.x UNet")
+        if unsupported or len(tl) != len(boc) or not all(isinstance(x, int) and x > 0 for x in tl) \
+                or uc.get("only_cross_attention"):
+            raise WeightsError(f"{up} uses {unsupported or 'an unusual transformer_layers_per_block'}; "
+                               "this is not an SD 1.x/2.x or SDXL UNet")
         boc, types = uc["block_out_channels"], uc["down_block_types"]
         heads = uc.get("num_attention_heads") or uc.get("attention_head_dim") or 8  # diffusers' misnomer: heads
         heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * len(boc)
@@ -108,7 +147,10 @@ def configs_from_diffusers(uc, vc, tc, where="."):
                           attention_levels=tuple(i for i, t in enumerate(types) if "CrossAttn" in str(t)),
                           num_heads=heads, context_dim=uc["cross_attention_dim"],
                           use_linear_in_transformer=bool(uc.get("use_linear_projection")),
-                          upcast_attention=bool(uc.get("upcast_attention")), norm_groups=uc.get("norm_num_groups", 32))
+                          upcast_attention=bool(uc.get("upcast_attention")), norm_groups=uc.get("norm_num_groups", 32),
+                          transformer_depth=tl if set(tl) != {1} else (),
+                          adm_in_channels=uc["projection_class_embeddings_input_dim"] if sdxl else 0,
+                          time_id_dim=uc.get("addition_time_embed_dim", 256) if sdxl else 256)
     except KeyError as e:
         raise WeightsError(f"{up}: no {e} field") from None
     try:
@@ -121,34 +163,42 @@ def configs_from_diffusers(uc, vc, tc, where="."):
     sf = vae.scaling_factor
     if not isinstance(sf, (int, float)) or isinstance(sf, bool) or not 0 < sf < float("inf"):
         raise WeightsError(f"{vp}: scaling_factor must be a positive number, not {sf!r}")
-    try:
-        text = TextConfig(vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], num_layers=tc["num_hidden_layers"],
-                          num_heads=tc["num_attention_heads"], intermediate_size=tc["intermediate_size"],
-                          max_positions=tc["max_position_embeddings"], act=tc.get("hidden_act", "quick_gelu"))
-    except KeyError as e:
-        raise WeightsError(f"{tp}: no {e} field") from None
-    problem = structure_problem(unet, vae, text)
+    text = text_config(tc, tp, sdxl)
+    text2 = text_config(tc2, os.path.join(where, "text_encoder_2", "config.json"), True) if sdxl else None
+    problem = structure_problem(unet, vae, text, text2)
     if problem:
         raise WeightsError(f"{where}: its config.json files describe no working model: {problem}")
-    return unet, vae, text
+    return (unet, vae, text, text2) if tc2 is not None else (unet, vae, text)
 
 
 def folder_configs(folder, prediction_type=None):
-    """A diffusers folder's configs: dict(unet, vae, text, scheduler, default_size, tokenizer folder)."""
+    """A diffusers folder's configs: dict(unet, vae, text, text_2 (SDXL, else None), scheduler, default_size,
+    tokenizer and tokenizer_2 folders, force_zeros (model_index.json's force_zeros_for_empty_prompt),
+    defaults (sampling defaults: the turbo models'), name)."""
     j = lambda sub, name="config.json": read_json(os.path.join(folder, sub, name))
-    ucfg, vcfg, tcfg = configs_from_diffusers(j("unet"), j("vae"), j("text_encoder"), folder)
+    index = read_json(os.path.join(folder, "model_index.json"))
+    sdxl = os.path.isdir(os.path.join(folder, "text_encoder_2")) or bool(index.get("text_encoder_2"))
+    ucfg, vcfg, tcfg, *t2 = configs_from_diffusers(j("unet"), j("vae"), j("text_encoder"), folder,
+                                                    j("text_encoder_2") if sdxl else None)
     sc = j("scheduler", "scheduler_config.json")
-    if sc.get("timestep_spacing", "leading") != "leading":
-        warnings.warn(f"scheduler_config.json asks for {sc['timestep_spacing']!r} spacing; sdlens' DDIM uses 'leading'")
-    fields = {k: sc[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
-                                 "steps_offset", "set_alpha_to_one", "prediction_type") if k in sc}
+    fields = {k: sc[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset",
+                                 "set_alpha_to_one", "prediction_type", "timestep_spacing") if k in sc}
     if prediction_type:
         fields["prediction_type"] = prediction_type
-    tok = os.path.join(folder, "tokenizer")
-    if not os.path.isdir(tok):
-        raise WeightsError(f"{folder}: the tokenizer/ folder is missing; copy it from the model's repository "
-                           "(every SD 1/2 model uses the CLIP tokenizer)")
-    return dict(unet=ucfg, vae=vcfg, text=tcfg, scheduler=DDIMConfig(**fields), tokenizer=tok, pad_token=None,
+    try:
+        sched = DDIMConfig(**fields)
+    except ValueError as e:
+        raise WeightsError(f"{folder}/scheduler/scheduler_config.json: {_short(e)}") from None
+    toks = [os.path.join(folder, t) for t in ("tokenizer", "tokenizer_2")[:1 + sdxl]]
+    for tok in toks:
+        if not os.path.isdir(tok):
+            raise WeightsError(f"{folder}: the {os.path.basename(tok)}/ folder is missing; copy it from the model's "
+                               "repository (every SD model uses the CLIP tokenizer)")
+    from .presets import defaults_for
+    return dict(unet=ucfg, vae=vcfg, text=tcfg, text_2=t2[0] if t2 else None, scheduler=sched, tokenizer=toks[0],
+                tokenizer_2=toks[1] if sdxl else None, pad_token=None, force_zeros=bool(index.get(
+                    "force_zeros_for_empty_prompt", False)), defaults=defaults_for(sched),
+                name=os.path.basename(os.path.normpath(folder)),
                 default_size=j("unet").get("sample_size", 64) * 2 ** (len(vcfg.ch_mult) - 1))
 
 
@@ -156,26 +206,31 @@ def metadata_configs(m, where):
     """The sdlens metadata dict (see `save_single_file`) -> the same dict as `folder_configs`.
 
     Its fields: "unet", "vae", "text", "scheduler" (each our config's fields), "default_size"
-    (image side in pixels) and optionally "pad_token" (the tokenizer's pad token, "!" for SD 2).
+    (image side in pixels) and optionally "pad_token" (the tokenizer's pad token, "!" for SD 2);
+    SDXL adds "text_2", "pad_token_2", "force_zeros"; "defaults" and "name" are optional.
     """
     tup = lambda d: {k: tuple(x) if isinstance(x, list) else x for k, x in check_sizes(d, where).items()}
     try:
         check_sizes(m, where), check_sizes(m["scheduler"], where)
         out = dict(unet=UNetConfig(**tup(m["unet"])), vae=VAEConfig(**tup(m["vae"])), text=TextConfig(**tup(m["text"])),
+                   text_2=TextConfig(**tup(m["text_2"])) if m.get("text_2") else None,
                    scheduler=DDIMConfig(**m["scheduler"]), default_size=int(m["default_size"]), tokenizer=None,
-                   pad_token=m.get("pad_token"))
+                   tokenizer_2=None, pad_token=m.get("pad_token"), pad_token_2=m.get("pad_token_2"),
+                   force_zeros=bool(m.get("force_zeros", False)), defaults=dict(m.get("defaults") or {}),
+                   name=str(m.get("name", "")))
     except WeightsError:
         raise
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise WeightsError(f"{where}: the sdlens configs are unreadable ({type(e).__name__}: {_short(e)})") from None
-    problem = structure_problem(out["unet"], out["vae"], out["text"])
+    problem = structure_problem(out["unet"], out["vae"], out["text"], out["text_2"])
     if problem:
         raise WeightsError(f"{where}: the sdlens configs describe no working model: {problem}")
     return out
 
 
 def given_configs(config, prediction_type=None):
-    """`load(..., config=...)`: a diffusers folder, or a JSON file in the sdlens metadata format."""
+    """`load(..., config=...)`: a diffusers folder, or a JSON file in the sdlens metadata format.
+    (A preset name, "sdxl-turbo" and the like, is handled by the loader: it keeps the file's shapes.)"""
     config = os.fspath(config)
     if os.path.isdir(config):
         return folder_configs(config, prediction_type)
@@ -186,4 +241,6 @@ def given_configs(config, prediction_type=None):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{config}: not valid JSON ({_short(e)})") from None
         return metadata_configs(m, config)
-    raise WeightsError(f"config={config!r} is neither a diffusers folder nor a .json file of sdlens configs")
+    from .presets import PRESETS
+    raise WeightsError(f"config={config!r} is neither a diffusers folder nor a .json file of sdlens configs nor a "
+                       f"preset ({', '.join(PRESETS)})")

@@ -10,6 +10,8 @@ import torch
 
 # Prefixes of the original single-file checkpoint.
 UNET, VAE, TEXT_SD1, TEXT_SD2 = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.", "cond_stage_model.model."
+# SDXL (sgm): CLIP-L in the Hugging Face layout, OpenCLIP bigG in its own.
+TEXT_XL_L, TEXT_XL_G = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 _RESNET_UNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
@@ -26,6 +28,7 @@ def unet_to_diffusers(key, cfg):
     """`input_blocks.4.1.proj_in.weight` -> `down_blocks.1.attentions.0.proj_in.weight`, etc."""
     R, L = cfg.num_res_blocks, len(cfg.channel_mult)
     top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+           "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
            "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
     if _sub(key, top) != key:
         return _sub(key, top)
@@ -91,11 +94,14 @@ _OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj"
 def text_from_openclip(key, t):
     """One OpenCLIP text key (prefix stripped) -> [(our key, tensor)]; fused in_proj splits in three.
 
-    Keys our model does not have (`text_projection`, later layers) keep a name the loader
+    `text_projection` is applied as x @ W in OpenCLIP, so it becomes our Linear's weight W^T.
+    Keys our model does not have (later layers, `logit_scale`) keep a name the loader
     recognises as unexpected or harmless.
     """
     if key == "positional_embedding":
         return [("text_model.embeddings.position_embedding.weight", t)]
+    if key == "text_projection":
+        return [("text_projection.weight", None if t is None else t.T)]
     m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", key)
     if m is None:
         return [(_sub(key, _OPENCLIP), t)]
@@ -115,6 +121,9 @@ def text_to_openclip(sd):
         if key == "text_model.embeddings.position_embedding.weight":
             out["positional_embedding"] = t
             continue
+        if key == "text_projection.weight":
+            out["text_projection"] = t.T
+            continue
         m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.*)", key)
         if m is None:
             out[_sub(key, {v: k for k, v in _OPENCLIP.items()})] = t
@@ -131,8 +140,9 @@ def text_to_openclip(sd):
     return out
 
 
-def to_single_file(unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, openclip=False):
+def to_single_file(unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, openclip=False, text_2_sd=None):
     """diffusers-layout state dicts -> one original-layout dict, as a single-file checkpoint has.
+    With `text_2_sd` (SDXL's second encoder, HF layout), the sgm layout: `conditioner.embedders.*`.
 
     The inverse of what `load` does for folders; used by the tests to build single-file fixtures
     and by `weights.save.save_single_file`.
@@ -145,9 +155,13 @@ def to_single_file(unet_sd, vae_sd, text_sd, unet_cfg, vae_cfg, openclip=False):
     for k in vae_keys:
         t = vae_sd[vae_to_diffusers(k, vae_cfg)]
         out[VAE + k] = t[:, :, None, None] if t.ndim == 2 else t
-    text_sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_sd.items()
-               if not k.endswith("position_ids")}
-    if openclip:
+    hf = lambda sd: {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+                     for k, v in sd.items() if not k.endswith("position_ids")}
+    text_sd = hf(text_sd)
+    if text_2_sd is not None:
+        out.update({TEXT_XL_L + k: v for k, v in text_sd.items()})
+        out.update({TEXT_XL_G + k: v for k, v in text_to_openclip(hf(text_2_sd)).items()})
+    elif openclip:
         out.update({TEXT_SD2 + k: v for k, v in text_to_openclip(text_sd).items()})
     else:
         out.update({TEXT_SD1 + k: v for k, v in text_sd.items()})

@@ -11,13 +11,14 @@ import re
 
 import torch
 
-from ..schedulers import DDIMConfig
-from ..text import CLIPTextEncoder, TextConfig
-from ..unet import UNetConfig, UNetModel
+from ..text import SDXL_G, SDXL_L, CLIPTextEncoder, TextConfig
+from ..unet import SDXL, UNetConfig, UNetModel
 from ..vae import AutoencoderKL, VAEConfig
 from .config import WeightsError, _short, folder_configs, given_configs, metadata_configs, read_json, structure_problem
 from .config import configs_from_diffusers  # noqa: F401 (re-exported: the tests build fixtures with it)
-from .convert import TEXT_SD1, TEXT_SD2, UNET, VAE, text_from_openclip, unet_to_diffusers, vae_to_diffusers
+from .convert import (TEXT_SD1, TEXT_SD2, TEXT_XL_G, TEXT_XL_L, UNET, VAE, text_from_openclip, unet_to_diffusers,
+                      vae_to_diffusers)
+from .presets import PRESETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(HERE, "clip_tokenizer")
@@ -108,13 +109,16 @@ def _level_count(shapes, pattern):
 
 
 def single_file_family(tf):
-    """"SD 1.x" or "SD 2.x" from the text encoder's layout; refuses what is no SD 1/2 checkpoint."""
+    """"SD 1.x", "SD 2.x" or "SDXL" from the text encoders' layout; refuses what is none of them."""
     s, p = tf.shapes, tf.path
-    if any(k.startswith("conditioner.embedders") for k in s):
-        raise WeightsError(f"{p}: this is an SDXL checkpoint; sdlens loads SD 1.x and 2.x only")
     if UNET + "input_blocks.0.0.weight" not in s:
         raise WeightsError(f"{p}: no Stable Diffusion UNet (model.diffusion_model.*) in this file; "
-                           "pass an SD 1.x/2.x checkpoint or a diffusers folder")
+                           "pass an SD 1.x/2.x/SDXL checkpoint or a diffusers folder")
+    if any(k.startswith("conditioner.embedders") for k in s):
+        if TEXT_XL_L + "text_model.embeddings.token_embedding.weight" in s and TEXT_XL_G + "token_embedding.weight" in s:
+            return "SDXL"
+        raise WeightsError(f"{p}: an sgm checkpoint without SDXL base's two text encoders (conditioner.embedders.0 "
+                           "CLIP-L, .1 OpenCLIP bigG); the SDXL refiner and other sgm models are not supported")
     if TEXT_SD1 + "text_model.embeddings.token_embedding.weight" in s:
         family = "SD 1.x"
     elif TEXT_SD2 + "token_embedding.weight" in s:
@@ -126,8 +130,11 @@ def single_file_family(tf):
 
 
 def detect_single_file(tf):
-    """Keys and shapes -> (family, UNetConfig, VAEConfig, TextConfig), by the SD 1/2 presets."""
+    """Keys and shapes -> (family, UNetConfig, VAEConfig, TextConfig, second TextConfig or None), by the
+    SD 1/2 presets; an SDXL file is taken to be SDXL base's architecture (`load` then checks every shape)."""
     family = single_file_family(tf)
+    if family == "SDXL":  # sgm sd_xl_base.yaml; its VAE (sdxl-vae) scales latents by 0.13025
+        return family, SDXL, VAEConfig(scaling_factor=0.13025), SDXL_L, SDXL_G
     try:
         u, v, t = _preset_configs(tf.shapes, family == "SD 2.x")
     except KeyError as e:
@@ -139,7 +146,7 @@ def detect_single_file(tf):
     if problem:
         raise WeightsError(f"{tf.path}: its shapes fit no SD 1.x/2.x preset ({problem}) and it holds no sdlens "
                            "configs; pass config= a diffusers folder with this model's config.json files")
-    return family, u, v, t
+    return family, u, v, t, None
 
 
 def _preset_configs(s, sd2):
@@ -186,7 +193,7 @@ def _preset_configs(s, sd2):
 def _harmless(key, text_cfg):
     if key in DDPM_BUFFERS or key.startswith("model_ema.") or key.endswith("position_ids"):
         return True
-    if key in (TEXT_SD2 + "text_projection", TEXT_SD2 + "logit_scale"):
+    if key in (TEXT_SD2 + "text_projection", TEXT_SD2 + "logit_scale", TEXT_XL_G + "logit_scale"):
         return True
     m = re.match(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.", key)
     return m is not None and int(m.group(1)) >= text_cfg.num_layers  # the unused last OpenCLIP block
@@ -198,63 +205,94 @@ def _tokenizer(folder, pad_token=None):
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
 
 
-def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=False, config=None):
-    """A single file: configs from `config` (a diffusers folder or a JSON of sdlens configs), else
-    from the sdlens metadata `save_single_file` wrote, else the SD 1/2 preset its shapes select."""
-    tf = TensorFile(path, allow_pickle)
-    family = single_file_family(tf)
-    sd2 = family == "SD 2.x"
-    if config is not None:
-        c = given_configs(config)
+def _file_configs(tf, family, config, prediction_type):
+    """The configs of a single file: from `config` (a preset name, a diffusers folder or a JSON of
+    sdlens configs), else from the sdlens metadata `save_single_file` wrote, else the family's preset."""
+    path = tf.path
+    if isinstance(config, str) and config in PRESETS:
+        preset = PRESETS[config]
+        if preset["family"] != family:
+            raise WeightsError(f"{path}: config={config!r} is a {preset['family']} preset but this is an {family} file")
+    elif config is not None:
+        return given_configs(config)
     elif "sdlens" in tf.metadata:
         try:
             m = json.loads(tf.metadata["sdlens"])
         except ValueError as e:
             raise WeightsError(f"{path}: its 'sdlens' metadata is not JSON ({_short(e)}); save the file again") from None
-        c = metadata_configs(m, f"{path} (sdlens metadata)")
+        return metadata_configs(m, f"{path} (sdlens metadata)")
     else:
-        _, ucfg, vcfg, tcfg = detect_single_file(tf)
-        if prediction_type is None and sd2:
-            print(f"sdlens: {os.path.basename(path)} is SD 2.x, assuming v-prediction (the 768-v models); "
-                  "pass prediction_type='epsilon' (--prediction-type epsilon) for the 512 base models")
-        c = dict(unet=ucfg, vae=vcfg, text=tcfg, scheduler=DDIMConfig(prediction_type="v_prediction" if sd2 else "epsilon"),
-                 default_size=768 if sd2 and prediction_type in (None, "v_prediction") else 512,
-                 tokenizer=None, pad_token=None)
-    ucfg, vcfg, tcfg = c["unet"], c["vae"], c["text"]
-    groups = {"unet": {}, "vae": {}, "text": {}}
+        name = {"SD 1.x": "sd1", "SDXL": "sdxl"}.get(family) or ("sd2" if prediction_type == "epsilon" else "sd2-v")
+        if family == "SD 2.x" and prediction_type is None:
+            print(f"sdlens: {os.path.basename(path)} is SD 2.x, assuming v-prediction (the 768-v models); pass "
+                  "prediction_type='epsilon' (--prediction-type epsilon) for the 512 base models, or "
+                  "config='sd-turbo' for SD-Turbo")
+        config, preset = name, PRESETS[name]
+    _, u, v, t, t2 = detect_single_file(tf)
+    return dict(unet=u, vae=v, text=t, text_2=t2, scheduler=preset["scheduler"], default_size=preset["default_size"],
+                tokenizer=None, tokenizer_2=None, pad_token=None, pad_token_2=None, name=config,
+                force_zeros=preset.get("force_zeros", False), defaults=dict(preset.get("defaults", {})))
+
+
+def _openclip_sources(sub, shape, get):
+    """One OpenCLIP key of a single file -> [(our key, shape, getter)]: the fused in_proj gives three."""
+    meta = torch.empty(shape, device="meta")
+    out = []
+    for i, (k, t) in enumerate(text_from_openclip(sub, meta)):
+        if sub.endswith(("in_proj_weight", "in_proj_bias")):
+            out.append((k, tuple(t.shape), (lambda i: lambda: get().chunk(3, dim=0)[i])(i)))
+        elif sub == "text_projection":
+            out.append((k, tuple(t.shape), lambda: get().T))
+        else:
+            out.append((k, shape, get))
+    return out
+
+
+def load_single_file(path, dtype, device, prediction_type=None, allow_pickle=False, config=None):
+    """A single file (SD 1/2: LDM layout; SDXL: sgm layout), configs from `_file_configs`."""
+    tf = TensorFile(path, allow_pickle)
+    family = single_file_family(tf)
+    c = _file_configs(tf, family, config, prediction_type)
+    if (c["text_2"] is not None) != (family == "SDXL"):
+        raise WeightsError(f"{path}: the configs given describe {'an SDXL' if c['text_2'] else 'no SDXL'} model "
+                           f"but this is an {family} file")
+    # (prefix, group, layout): the text encoders' keys are Hugging Face's or OpenCLIP's.
+    parts = [(UNET, "unet", None), (VAE, "vae", None)] + {
+        "SD 1.x": [(TEXT_SD1, "text", "hf")], "SD 2.x": [(TEXT_SD2, "text", "openclip")],
+        "SDXL": [(TEXT_XL_L, "text", "hf"), (TEXT_XL_G, "text_2", "openclip")]}[family]
+    groups = {"unet": {}, "vae": {}, "text": {}, "text_2": {}}
     for key, shape in tf.shapes.items():
         get = (lambda k: lambda: tf.get(k))(key)
-        if key.startswith(UNET):
-            groups["unet"][key[len(UNET):]] = (shape, get)
-        elif key.startswith(VAE):
-            groups["vae"][key[len(VAE):]] = (shape, get)
-        elif key.startswith(TEXT_SD1) and not _harmless(key, tcfg):
-            groups["text"][key[len(TEXT_SD1):]] = (shape, get)
-        elif key.startswith(TEXT_SD2) and not _harmless(key, tcfg):
-            sub = key[len(TEXT_SD2):]
-            if sub.endswith("in_proj_weight") or sub.endswith("in_proj_bias"):
-                for i, (k, _) in enumerate(text_from_openclip(sub, torch.empty(shape, device="meta"))):
-                    groups["text"][k] = ((shape[0] // 3,) + tuple(shape[1:]),
-                                         (lambda g, i: lambda: g().chunk(3, dim=0)[i])(get, i))
-            else:
-                k, _ = text_from_openclip(sub, None)[0]
-                groups["text"][k] = (shape, get)
-        elif not _harmless(key, tcfg):
-            groups["unet"]["<unknown> " + key] = (shape, get)  # reported as unexpected
+        part = next(((p, g, lay) for p, g, lay in parts if key.startswith(p)), None)
+        if part is None or (part[2] and _harmless(key, c["text"])):
+            if not _harmless(key, c["text"]):
+                groups["unet"]["<unknown> " + key] = (shape, get)  # reported as unexpected
+            continue
+        prefix, group, layout = part
+        sub = key[len(prefix):]
+        for k, shp, g in (_openclip_sources(sub, shape, get) if layout == "openclip" else [(sub, shape, get)]):
+            groups[group][k] = (shp, g)
     sched = c["scheduler"]
     if prediction_type is not None:
         sched = dataclasses.replace(sched, prediction_type=prediction_type)
-    # SD 2 pads with "!" (id 0), SD 1 with <|endoftext|>; a saved file records its own pad token.
-    pad = c["pad_token"] or ("!" if sd2 else None)
+    # SD 2 and bigG pad with "!" (id 0), CLIP-L with <|endoftext|>; a saved file records its own pad tokens.
+    pad = c["pad_token"] or ("!" if family == "SD 2.x" else None)
     tokenizer = _tokenizer(c["tokenizer"]) if c["tokenizer"] else _tokenizer(TOKENIZER_DIR, pad)
     with torch.device("meta"):
-        unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
+        unet, vae, text = UNetModel(c["unet"]), AutoencoderKL(c["vae"]), CLIPTextEncoder(c["text"])
+        text_2 = CLIPTextEncoder(c["text_2"]) if c["text_2"] else None
     where = f"{path} ({family} single file{f', configs from {config}' if config is not None else ''})"
-    return dict(
-        unet=fill(unet, groups["unet"], "SD UNet", where, dtype, device),
+    out = dict(
+        unet=fill(unet, groups["unet"], f"{family} UNet", where, dtype, device),
         vae=fill(vae, groups["vae"], "VAE", where, torch.float32, device),
         text_encoder=fill(text, groups["text"], "text encoder", where, dtype, device),
-        tokenizer=tokenizer, scheduler=sched, default_size=c["default_size"])
+        tokenizer=tokenizer, scheduler=sched, default_size=c["default_size"], name=c.get("name", ""),
+        force_zeros_for_empty_prompt=c["force_zeros"], defaults=c["defaults"])
+    if text_2 is not None:
+        out["text_encoder_2"] = fill(text_2, groups["text_2"], "second text encoder (OpenCLIP bigG)", where, dtype, device)
+        out["tokenizer_2"] = (_tokenizer(c["tokenizer_2"]) if c.get("tokenizer_2") else
+                              _tokenizer(TOKENIZER_DIR, c.get("pad_token_2") or "!"))
+    return out
 
 
 def _weights_file(folder, stem, allow_pickle):
@@ -266,20 +304,23 @@ def _weights_file(folder, stem, allow_pickle):
 
 
 def load_folder(folder, dtype, device, prediction_type=None, allow_pickle=False):
-    read_json(os.path.join(folder, "model_index.json"))
     c = folder_configs(folder, prediction_type)
-    ucfg, vcfg, tcfg = c["unet"], c["vae"], c["text"]
     with torch.device("meta"):
-        unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
-    tensors = {}
-    for name, stem, model, to_theirs in (("unet", "diffusion_pytorch_model", unet, lambda k: unet_to_diffusers(k, ucfg)),
-                                         ("vae", "diffusion_pytorch_model", vae, lambda k: vae_to_diffusers(k, vcfg)),
-                                         ("text_encoder", "model", text, None)):
+        models = {"unet": UNetModel(c["unet"]), "vae": AutoencoderKL(c["vae"]), "text_encoder": CLIPTextEncoder(c["text"])}
+        if c["text_2"] is not None:
+            models["text_encoder_2"] = CLIPTextEncoder(c["text_2"])
+    to_theirs = {"unet": lambda k: unet_to_diffusers(k, c["unet"]), "vae": lambda k: vae_to_diffusers(k, c["vae"])}
+    what = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder", "text_encoder_2": "second text encoder"}
+    where = f"{folder} (diffusers folder)"
+    out = dict(scheduler=c["scheduler"], default_size=c["default_size"], tokenizer=_tokenizer(c["tokenizer"]),
+               force_zeros_for_empty_prompt=c["force_zeros"], defaults=c["defaults"], name=c["name"])
+    for name, model in models.items():
+        stem = "model" if name.startswith("text") else "diffusion_pytorch_model"
         tf = _weights_file(os.path.join(folder, name), stem, allow_pickle)
-        ours = {k: (to_theirs(k) if to_theirs else k) for k in model.state_dict()}
-        if to_theirs is None:  # transformers may save CLIPTextModel without the text_model. prefix
+        ours = {k: to_theirs[name](k) if name in to_theirs else k for k in model.state_dict()}
+        if name.startswith("text"):  # transformers may save CLIPTextModel without the text_model. prefix
             if not any(k.startswith("text_model.") for k in tf.shapes):
-                ours = {k: k[len("text_model."):] for k in ours}
+                ours = {k: k[len("text_model."):] if k.startswith("text_model.") else k for k in ours}
         theirs = {v: k for k, v in ours.items()}
         src = {}
         for key, shape in tf.shapes.items():
@@ -289,13 +330,10 @@ def load_folder(folder, dtype, device, prediction_type=None, allow_pickle=False)
             if name == "vae" and ".mid.attn_1." in theirs.get(key, "") and len(shape) == 2:
                 shape, get = shape + (1, 1), (lambda g: lambda: g()[:, :, None, None])(get)  # Linear -> 1x1 conv
             src[theirs.get(key, key)] = (shape, get)
-        tensors[name] = src
-    where = f"{folder} (diffusers folder)"
-    return dict(
-        unet=fill(unet, tensors["unet"], "SD UNet", where + "/unet", dtype, device),
-        vae=fill(vae, tensors["vae"], "VAE", where + "/vae", torch.float32, device),
-        text_encoder=fill(text, tensors["text_encoder"], "text encoder", where + "/text_encoder", dtype, device),
-        tokenizer=_tokenizer(c["tokenizer"]), scheduler=c["scheduler"], default_size=c["default_size"])
+        out[name] = fill(model, src, what[name], f"{where}/{name}", torch.float32 if name == "vae" else dtype, device)
+    if c["text_2"] is not None:
+        out["tokenizer_2"] = _tokenizer(c["tokenizer_2"])
+    return out
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

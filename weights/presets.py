@@ -1,0 +1,28 @@
+"""Named presets for single files, whose keys show the architecture but not how the model is meant
+to be sampled: `load(path, config="sdxl-turbo")`. Shapes alone cannot tell SD-Turbo from SD 2.1
+(768-v), nor SDXL-Turbo from SDXL base 1.0; a preset says which. The architecture still comes from
+the file's shapes, and a preset of another family is refused.
+
+Sources: the models' scheduler_config.json and model cards. SDXL base: "leading" spacing,
+steps_offset 1, 1024². SDXL-Turbo: "trailing" spacing, 512², 1-4 steps at guidance 0. SD-Turbo:
+SD 2.1-base (epsilon, 512²), "trailing", 1 step at guidance 0. All: scaled_linear 0.00085-0.012.
+"""
+from ..schedulers import DDIMConfig
+
+TURBO = {"steps": 1, "guidance_scale": 0.0}  # the model cards' pipe(prompt, num_inference_steps=1, guidance_scale=0.0)
+
+PRESETS = {
+    "sd1": dict(family="SD 1.x", scheduler=DDIMConfig(), default_size=512),
+    "sd2": dict(family="SD 2.x", scheduler=DDIMConfig(), default_size=512),  # the 512 base models (epsilon)
+    "sd2-v": dict(family="SD 2.x", scheduler=DDIMConfig(prediction_type="v_prediction"), default_size=768),
+    "sd-turbo": dict(family="SD 2.x", scheduler=DDIMConfig(timestep_spacing="trailing"), default_size=512,
+                     defaults=TURBO),
+    "sdxl": dict(family="SDXL", scheduler=DDIMConfig(), default_size=1024, force_zeros=True),
+    "sdxl-turbo": dict(family="SDXL", scheduler=DDIMConfig(timestep_spacing="trailing"), default_size=512,
+                       defaults=TURBO, force_zeros=True),
+}
+
+
+def defaults_for(scheduler: DDIMConfig) -> dict:
+    """A folder's sampling defaults: trailing spacing marks the turbo models (1 step, guidance 0)."""
+    return dict(TURBO) if scheduler.timestep_spacing == "trailing" else {}
