@@ -118,16 +118,49 @@ def preflight(args, out_names, images=(), folder=True):
     check_device(args.device)
     check_target(args.out, folder=folder)
     outs = [os.path.join(args.out, n) for n in out_names] if folder else [args.out]
-    reals = {os.path.realpath(o) for o in outs}
     for flag, path in images:
         if not os.path.isfile(path):
             raise ValueError(f"{flag} {path}: no such file")
-        if os.path.realpath(path) in reals:
-            raise ValueError(f"{flag} {path} is also an output of this command; choose another --out")
+        check_inputs_kept([(flag, path)], outs)
         load_image(path, 8)  # a bad image fails now, not after the model has loaded
     existing = [o for o in outs if os.path.exists(o)]
     if existing and not args.force:
         raise ValueError(f"{existing[0]} exists; pass --force to overwrite it or choose another --out")
+
+
+def check_inputs_kept(inputs, outs):
+    """Refuse, with --force too, to write over a file the command reads. `inputs`: [(flag, path)] of what it
+    reads; `outs`: every path it writes (results, resume logs). Files are compared by identity (device and
+    inode), so an input reached through a symlink or a hard link is still found; a path not there yet
+    cannot be an input."""
+    written = set()
+    for path in outs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        written.add((st.st_dev, st.st_ino))
+    for flag, path in inputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in written:
+            raise ValueError(f"{flag} {path} is also an output of this command; choose another --out")
+
+
+def model_files(args, *flags):
+    """[(flag, file)] of the model files the flags name: a file, or every file in a folder (a diffusers layout)."""
+    found = []
+    for flag in flags:
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            found += [(flag, os.path.join(d, f)) for d, _, files in os.walk(path) for f in files]
+        else:
+            found.append((flag, path))
+    return found
 
 
 def load_model(args):

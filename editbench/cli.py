@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..cli import add_model_args, finite, load_model, natural, positive
+from ..cli import add_model_args, check_inputs_kept, finite, load_model, model_files, natural, positive
 from ..outputs import Staged, Text, check_target, read_resume_log
 from . import run as bench
 
@@ -36,7 +36,9 @@ def add_parser(sub):
     e.add_argument("--clip", help="CLIP ViT-L/14 weights (--metrics pie)")
     e.add_argument("--lpips", help="LPIPS weights (--metrics pie)")
     e.add_argument("--out", help="CSV file (a rerun resumes from .<name>.partial beside it)")
-    e.add_argument("--force", action="store_true", help="overwrite --out")
+    e.add_argument("--force", action="store_true",
+                   help="overwrite --out (never an input); with --make-tiny, replace PIE-tiny's files in a non-empty "
+                        "DIR, keeping every other file")
     e.add_argument("--make-tiny", metavar="DIR", help="write PIE-tiny, a small PIE-format set, to DIR and exit")
     e.add_argument("--items", type=positive, default=64, help="--make-tiny: number of items, the 4 edit types in turn")
     e.add_argument("--tiny-seed", type=natural, default=0, help="--make-tiny: seed of the rendered scenes")
@@ -114,11 +116,19 @@ def cmd_edit_bench(args):
     from .pie import read_benchmark
     check_device(args.device)
     check_target(args.out)
+    every = read_benchmark(args.data)  # every annotation and image checked before the model loads
+    items = every[:args.limit]
+    rank, world, local = distributed()
+    # --force or not, no file the benchmark is made of (read in this run or not) and no model file is written
+    # over: not by the CSV, nor by the resume logs, which are opened for writing in place.
+    data = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images", it.image_path)
+                                                             for it in every]
+    written = [args.out, partial_path(args.out)] + [partial_path(args.out, r) for r in range(world)] + logs(args.out)
+    check_inputs_kept([("--data", p) for p in data] + model_files(args, "--model", "--dino", "--clip", "--lpips"),
+                      written)
     if os.path.exists(args.out) and not args.force:
         raise ValueError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
-    items = read_benchmark(args.data, args.limit)  # every annotation and image checked before the model loads
     kind, metrics = make_metrics(args, items)
-    rank, world, local = distributed()
     if world > 1:
         import torch
         import torch.distributed as dist

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from ..cli import add_model_args, fraction, load_model, positive, preflight, seed
+from ..cli import add_model_args, check_inputs_kept, fraction, load_model, model_files, positive, preflight, seed
 from ..outputs import Staged, Text, read_resume_log
 
 
@@ -145,14 +145,18 @@ def cmd_correspond(args):
 
 def cmd_spair(args):
     from .spair import evaluate, pair_files, read_pair, report, summarize
+    files = pair_files(args.data)
+    pairs = [read_pair(p, args.data) for p in files]  # every annotation and image checked before the model loads
+    partial = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.partial")
+    # --force or not, neither the CSV nor the resume log (opened for writing in place) may be a file SPair-71k
+    # or the model is made of.
+    data = files + [d[f"{side}_path"] for d in pairs for side in ("src", "trg")]
+    check_inputs_kept([("--data", p) for p in data] + model_files(args, "--model"), [args.out, partial])
     preflight(args, (), folder=False)
-    for p in pair_files(args.data):  # every annotation and image checked before the model loads
-        read_pair(p, args.data)
     sd = load_model(args)
     name = check_layer(sd, args.layer)
     settings = dict(model=args.model, layer=name, t=args.t, ensemble=args.ensemble, seed=args.seed,
                     size=sd.default_size, dtype=args.dtype, data=os.path.abspath(args.data))
-    partial = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.partial")
     done = resume(partial, settings)
     os.makedirs(os.path.dirname(partial), exist_ok=True)  # the log lives beside --out, so a rerun finds it
     with open(partial, "w") as log:  # rewritten whole: a line cut short by an interruption goes

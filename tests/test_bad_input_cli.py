@@ -134,6 +134,61 @@ def test_input_among_outputs(tmp_path, capsys, no_load):
     assert rc == 2 and "is also an output" in err and src.exists()
 
 
+@pytest.fixture
+def no_load_bench(monkeypatch):
+    """The tripwire for edit-bench and features spair, which take load_model from sdlens.cli."""
+    import sdlens.editbench.cli
+    import sdlens.features.cli
+
+    def tripwire(args):
+        raise AssertionError("the model was loaded before the bad --out was found")
+    for module in (sdlens.editbench.cli, sdlens.features.cli):
+        monkeypatch.setattr(module, "load_model", tripwire)
+
+
+def test_edit_bench_never_writes_over_its_inputs(tmp_path, capsys, no_load_bench):
+    """--force or not: the CSV (and its resume log) may not land on the benchmark's files or the model's."""
+    from sdlens.editbench.tiny import make_tiny
+    data = tmp_path / "pie"
+    items = make_tiny(str(data), n=4)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    (tmp_path / "link").symlink_to(data)
+    inputs = [data / "mapping_file.json", data / "annotation_images" / items[-1].image_path,  # past --limit too
+              tmp_path / "link" / "mapping_file.json", model]
+    for out in inputs:
+        before = {p: p.read_bytes() for p in inputs}
+        for force in (["--force"], []):
+            rc, err = run(["edit-bench", "--data", data, "--limit", 1, "--model", model, "--out", out, *force], capsys)
+            assert rc == 2 and "\n" not in err and "is also an output of this command" in err, err
+            assert {p: p.read_bytes() for p in inputs} == before
+    assert sorted(os.listdir(data)) == ["annotation_images", "mapping_file.json"]  # no resume log left either
+
+
+def write_spair_pair(root):
+    """One SPair-71k test pair in its layout (what features spair reads before the model loads)."""
+    (root / "JPEGImages" / "cat").mkdir(parents=True)
+    (root / "PairAnnotation" / "test").mkdir(parents=True)
+    for n in ("a.jpg", "b.jpg"):
+        Image.new("RGB", (40, 30), "red").save(root / "JPEGImages" / "cat" / n)
+    pair = root / "PairAnnotation" / "test" / "000001-a-b:cat.json"
+    pair.write_text(__import__("json").dumps(dict(
+        src_imname="a.jpg", trg_imname="b.jpg", src_imsize=[40, 30, 3], trg_imsize=[40, 30, 3], trg_bndbox=[0, 0, 9, 9],
+        category="cat", src_kps=[[1, 2]], trg_kps=[[3, 4]])))
+    return [pair, root / "JPEGImages" / "cat" / "a.jpg", root / "JPEGImages" / "cat" / "b.jpg"]
+
+
+def test_features_spair_never_writes_over_its_inputs(tmp_path, capsys, no_load_bench):
+    inputs = write_spair_pair(tmp_path / "SPair-71k")
+    before = {p: p.read_bytes() for p in inputs}
+    for out in inputs:
+        for force in (["--force"], []):
+            rc, err = run(["features", "spair", "--data", tmp_path / "SPair-71k", "--out", out, *force], capsys)
+            assert rc == 2 and "\n" not in err and "is also an output of this command" in err, err
+            assert {p: p.read_bytes() for p in inputs} == before
+    assert not [p for p in tmp_path.rglob(".*partial")]
+
+
 def test_decompression_bomb(tmp_path, capsys, no_load):
     bomb = tmp_path / "bomb.png"  # claims 20000 x 20000 pixels (2.2x PIL's limit) in 70 bytes
     bomb.write_bytes(png_bytes(20000, 20000, 8, 2, [b""]))
