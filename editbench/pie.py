@@ -158,19 +158,39 @@ def load_image(root, item) -> Image.Image:
 
 def write_benchmark(root, items_with_images, force=False):
     """Write [(Item, PIL image), ...] as a PIE-Bench folder: mapping_file.json (each Item's `raw`,
-    keys in the given order) and annotation_images/<image_path>. All or none: everything is written
-    to a hidden sibling folder that is renamed into place. An existing non-empty `root` is refused
-    unless force=True (then it is replaced)."""
+    keys in the given order) and annotation_images/<image_path>. An existing non-empty `root` is
+    refused unless force=True; then the files this writes replace those at the same paths, and every
+    other file in `root` stays (it may be the user's own folder, even the current one).
+
+    All or none: everything is written to a hidden folder first (inside `root` if it exists, else
+    beside it). A new `root` is that folder renamed into place; into an existing one the files are
+    moved one by one, each file they replace kept aside until all are in, and put back (the new files
+    and folders removed) if any move fails."""
     root = os.path.abspath(root)
     if os.path.exists(root) and not os.path.isdir(root):
         raise ValueError(f"{root} is a file; write_benchmark wants a folder")
     if os.path.isdir(root) and os.listdir(root) and not force:
-        raise ValueError(f"{root} exists and is not empty; pass force=True (--force) to replace it")
+        raise ValueError(f"{root} exists and is not empty; pass force=True (--force) to replace its PIE-Bench "
+                         f"files (mapping_file.json, annotation_images/...) and keep the rest")
     pairs = list(items_with_images)
     keys = [it.key for it, _ in pairs]
     if len(set(keys)) != len(keys):
         raise ValueError("write_benchmark: keys must be unique")
-    parent = os.path.dirname(root)
+    for it, _ in pairs:
+        if os.path.isabs(it.image_path) or os.path.normpath(it.image_path).startswith(".."):
+            raise ValueError(f"write_benchmark: image_path {it.image_path!r} leaves annotation_images/")
+    images = (os.path.normpath(os.path.join("annotation_images", it.image_path)) for it, _ in pairs)
+    names = ["mapping_file.json"] + list(dict.fromkeys(images))  # what this writes, each once
+    for name in names:  # a folder where a file goes, or a file where a folder goes: refused before writing
+        parts = name.split(os.sep)
+        for k in range(1, len(parts) + 1):
+            path = os.path.join(root, *parts[:k])
+            want_dir = k < len(parts)
+            if os.path.exists(path) and os.path.isdir(path) != want_dir:
+                raise ValueError(f"{path} is a {'file' if want_dir else 'folder'}; PIE-Bench's layout has a "
+                                 f"{'folder' if want_dir else 'file'} there")
+    exists = os.path.isdir(root)
+    parent = root if exists else os.path.dirname(root)  # the renames then stay on one file system
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(root)}.{os.urandom(4).hex()}.tmp")
     try:
@@ -180,18 +200,42 @@ def write_benchmark(root, items_with_images, force=False):
             img.save(out)  # the format follows the extension (.png: lossless)
         with open(os.path.join(tmp, "mapping_file.json"), "w") as f:
             json.dump({it.key: it.raw for it, _ in pairs}, f)
-        old = tmp + ".old"
-        if os.path.isdir(root):
-            os.replace(root, old)  # empty, or force=True; kept until the new folder is in place
-        try:
+        if exists:  # never renamed away: it may hold other files, or be the working directory
+            _move_in(tmp, root, names)
+        else:
             os.replace(tmp, root)
-        except BaseException:
-            if os.path.isdir(old):
-                os.replace(old, root)
-            raise
-        if os.path.isdir(old):
-            shutil.rmtree(old)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
     return root
+
+
+def _move_in(staged, root, names):
+    """Move staged/<name> to root/<name> for each name, all or none (see write_benchmark)."""
+    made, moved = [], []  # folders created, deepest last; (target, backup or None, staged file)
+    try:
+        for name in names:
+            dst, src = os.path.join(root, name), os.path.join(staged, name)
+            missing, d = [], os.path.dirname(dst)
+            while not os.path.isdir(d):
+                missing.append(d)
+                d = os.path.dirname(d)
+            for d in reversed(missing):
+                os.mkdir(d)
+                made.append(d)
+            backup = None
+            if os.path.lexists(dst):
+                backup = os.path.join(staged, ".replaced", name)
+                os.makedirs(os.path.dirname(backup), exist_ok=True)
+                os.replace(dst, backup)
+            moved.append((dst, backup, src))
+            os.replace(src, dst)
+    except BaseException:
+        for dst, backup, src in reversed(moved):  # undo: new files out, old files back
+            if not os.path.exists(src) and os.path.lexists(dst):
+                os.unlink(dst)
+            if backup is not None:
+                os.replace(backup, dst)
+        for d in reversed(made):
+            os.rmdir(d)
+        raise

@@ -158,3 +158,68 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert read(two) == read(one)
     assert sorted(os.listdir(tmp_path)) == ["one.csv", "two.csv"]  # the rank logs are gone
+
+
+def tree(folder):
+    """{relative path: bytes} of every file under `folder`, hidden ones included."""
+    return {os.path.relpath(os.path.join(d, f), folder): read(os.path.join(d, f))
+            for d, _, names in os.walk(folder) for f in names}
+
+
+def test_make_tiny_force_replaces_only_its_own_files(tmp_path, capsys, monkeypatch):
+    """--make-tiny DIR --force replaces mapping_file.json and the images it writes; every other file in DIR stays,
+    and --make-tiny . works from inside DIR. Without --force a non-empty DIR is refused in one line."""
+    d = tmp_path / "d"
+    (d / "annotation_images").mkdir(parents=True)
+    (d / "notes.txt").write_bytes(b"mine")
+    (d / "annotation_images" / "photo.jpg").write_bytes(b"also mine")
+    (d / "mapping_file.json").write_bytes(b"{}")
+    mine = {k: v for k, v in tree(d).items() if k != "mapping_file.json"}
+    assert main(["edit-bench", "--make-tiny", str(d), "--items", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not empty" in err and "--force" in err
+    assert tree(d) == {**mine, "mapping_file.json": b"{}"}
+
+    assert main(["edit-bench", "--make-tiny", str(d), "--items", "4", "--force"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    from sdlens.editbench.pie import read_benchmark
+    items = read_benchmark(str(d))
+    after = tree(d)
+    assert len(items) == 4 and {k: after[k] for k in mine} == mine
+    assert set(after) == set(mine) | {"mapping_file.json"} | {f"annotation_images/{it.image_path}" for it in items}
+    assert sorted(os.listdir(tmp_path)) == ["d"]  # no temporary folder left, beside DIR or in it
+
+    monkeypatch.chdir(d)
+    assert main(["edit-bench", "--make-tiny", ".", "--items", "4", "--force"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip() == str(d) and tree(d) == after and os.getcwd() == str(d)
+
+
+def test_make_tiny_force_is_all_or_none(tmp_path, capsys, monkeypatch):
+    """A move that fails half way puts DIR back as it was; a folder where PIE-tiny writes a file is refused first."""
+    d = tmp_path / "d"
+    (d / "annotation_images").mkdir(parents=True)
+    (d / "notes.txt").write_bytes(b"mine")
+    (d / "mapping_file.json").write_bytes(b"{}")
+    before = tree(d)
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if len(calls) == 4:  # mapping_file.json aside, mapping_file.json in, one image in, the second fails
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    assert main(["edit-bench", "--make-tiny", str(d), "--items", "4", "--force"]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "disk full" in err
+    assert tree(d) == before and sorted(os.listdir(d)) == ["annotation_images", "mapping_file.json", "notes.txt"]
+    assert os.listdir(d / "annotation_images") == [] and sorted(os.listdir(tmp_path)) == ["d"]
+
+    os.unlink(d / "mapping_file.json")
+    (d / "mapping_file.json").mkdir()
+    assert main(["edit-bench", "--make-tiny", str(d), "--items", "4", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{d / 'mapping_file.json'} is a folder" in err
+    assert tree(d) == {"notes.txt": b"mine"} and os.listdir(d / "mapping_file.json") == []
