@@ -194,10 +194,11 @@ def folder_configs(folder, prediction_type=None):
         if not os.path.isdir(tok):
             raise WeightsError(f"{folder}: the {os.path.basename(tok)}/ folder is missing; copy it from the model's "
                                "repository (every SD model uses the CLIP tokenizer)")
-    from .presets import defaults_for
+    from .presets import for_folder
+    sched, defaults = for_folder(sched)
     return dict(unet=ucfg, vae=vcfg, text=tcfg, text_2=t2[0] if t2 else None, scheduler=sched, tokenizer=toks[0],
                 tokenizer_2=toks[1] if sdxl else None, pad_token=None, force_zeros=bool(index.get(
-                    "force_zeros_for_empty_prompt", False)), defaults=defaults_for(sched),
+                    "force_zeros_for_empty_prompt", False)), defaults=defaults,
                 name=os.path.basename(os.path.normpath(folder)),
                 default_size=j("unet").get("sample_size", 64) * 2 ** (len(vcfg.ch_mult) - 1))
 
