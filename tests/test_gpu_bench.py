@@ -30,6 +30,7 @@ def test_gpu_bench_cpu_small(tmp_path):
     assert entries["profile"] == {"skipped": "--skip-profile"}
     c = entries["correctness"]
     assert c["total"] >= 10 and c["passed"] == c["total"], c["checks"]
+    assert c["size"] == 128  # not --small's 64^2, where the checks are ill-conditioned (gpu.CHECK_MIN_SIZE)
     assert entries["host_syncs"]["p2p"]["result"] == "n/a (CUDA only)"
     assert "sdlens_compiled" not in entries["generate"]["runs"]
     md = (out / "gpu.md").read_text()
@@ -40,3 +41,27 @@ def test_gpu_bench_cpu_small(tmp_path):
     again = run(out)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "--force" in again.stderr
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_generate_check_does_not_depend_on_the_kernels(monkeypatch):
+    """The fp32 generate check with sdlens on other convolution kernels than diffusers (oneDNN off for sdlens
+    alone), as on a machine whose kernels differ between the two libraries: the verdict must not change. At
+    --small's 64^2 (ill-conditioned: gpu.CHECK_MIN_SIZE) this made sdlens' error 5.9x diffusers' here."""
+    import torch
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    from gpu import CHECK_MIN_SIZE
+    from gpu_models import build_diffusers, check_generate, to_sdlens
+
+    class OtherKernels:
+        def __init__(self, sd):
+            self.sd = sd
+
+        def generate(self, *args, **kwargs):
+            with torch.backends.mkldnn.flags(enabled=False):
+                return self.sd.generate(*args, **kwargs)
+
+    pipe = build_diffusers("sd1", True, torch.device("cpu"))
+    size = int(os.environ.get("SDLENS_TEST_CHECK_SIZE", CHECK_MIN_SIZE))  # 64 shows the ill-conditioned case
+    row, = check_generate(pipe, lambda d: OtherKernels(to_sdlens(pipe, d)), [torch.float32], torch.float64, 3, size)
+    assert row["sdlens_vs_diffusers"] > 1e-7  # the two ran different kernels indeed
+    assert row["passed"], row
