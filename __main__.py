@@ -55,7 +55,7 @@ def parser():
     q.add_argument("--feature-injection", type=fraction, default=0.8, help="fraction of steps with injected features")
     q.add_argument("--attention-injection", type=fraction, default=0.5,
                    help="fraction of steps with injected self-attention q and k")
-    q.add_argument("--feature-layers", nargs="+", default=None, help="ResBlocks to inject (default output_blocks.4.0)")
+    q.add_argument("--feature-layers", nargs="+", default=None, help="ResBlocks to inject (default: SD output_blocks.4.0, SDXL output_blocks.1.0)")
     q.add_argument("--attention-layers", nargs="+", default=None, help="attn1 modules (default decoder layers 4-11)")
     add_sampling_args(q, "folder for " + ", ".join(PNP_FILES), seed_arg=False)
 
@@ -154,13 +154,13 @@ def cmd_p2p(args):
 def cmd_pnp(args):
     preflight(args, PNP_FILES, [("--image", args.image)])
     from .editing import load_image
-    from .editing.pnp import FEATURE_LAYERS, translate
+    from .editing.pnp import translate
     from .pipeline import to_pil
     sd = load_model(args)
     image = load_image(args.image, sd=sd)
     res = translate(sd, image, args.prompt, inversion_prompt=args.inversion_prompt, negative_prompt=args.negative_prompt,
                     alpha=args.alpha, alpha_schedule=args.alpha_schedule, feature_injection=args.feature_injection,
-                    attention_injection=args.attention_injection, feature_layers=args.feature_layers or FEATURE_LAYERS,
+                    attention_injection=args.attention_injection, feature_layers=args.feature_layers or None,
                     attention_layers=args.attention_layers, guidance_scale=args.guidance,
                     steps=args.steps, inversion_steps=args.inversion_steps, progress=True)
     with Staged(args.out, args.force) as out:

@@ -122,6 +122,10 @@ class StableDiffusion:
         tokens = torch.cat([tokens_l, tokens_g.to(tokens_l.dtype)], dim=-1)
         return pack_added_cond(tokens, pooled.to(tokens.dtype), self.time_ids(len(prompts), size), self.unet.cfg)
 
+    def image_size(self, latents: torch.Tensor):
+        """(height, width) in pixels of the images that `latents` [..., h, w] decode to."""
+        return latents.shape[-2] * self.latent_factor, latents.shape[-1] * self.latent_factor
+
     def time_ids(self, batch, size=None):
         """SDXL's size conditioning [B, 6]: original (h, w), crop (top, left) = (0, 0), target (h, w)."""
         h, w = (self.default_size,) * 2 if size is None else size

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from ..hooks import StepContext
+from ..pipeline import uses_guidance
 from ..schedulers import classifier_free_guidance
 from .inversion import Inversion
 
@@ -56,14 +57,17 @@ def check_guidance(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
 
 
-def batch_denoiser(sd, prompts, steps, guidance_scale, inversion: Optional[Inversion] = None, low_memory=False):
+def batch_denoiser(sd, prompts, steps, guidance_scale, inversion: Optional[Inversion] = None, low_memory=False,
+                   size=None):
     """`denoise(x, t, step)` over the rows of `prompts` (source first), with classifier-free guidance
     (w = 1: conditional rows only). `low_memory`: the unconditional rows in a separate pass, whose
-    context names only "uncond" (so methods that edit "source"/"target" leave it alone)."""
+    context names only "uncond" (so methods that edit "source"/"target" leave it alone). `size`: the
+    images' (height, width), for SDXL's size conditioning (default the model's size). The unconditional
+    rows are the model's empty prompt: "" (SD) or zeros (SDXL's force_zeros_for_empty_prompt)."""
     check_guidance(guidance_scale)
     n = len(prompts)
-    cond = sd.encode_prompt(prompts)
-    empty = sd.encode_prompt([""] * n)
+    cond = sd.encode_prompt(prompts, size)
+    empty = sd.encode_negative(None, n, size)
     tgt = list(range(1, n))
 
     def uncond_at(step):
@@ -74,7 +78,7 @@ def batch_denoiser(sd, prompts, steps, guidance_scale, inversion: Optional[Inver
     def denoise(xt, t, step):
         ctx = lambda rows: sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows))
         edit_rows = {"cond": list(range(n)), "source": [0], "target": tgt}
-        if guidance_scale == 1.0:
+        if not uses_guidance(guidance_scale):
             with ctx(edit_rows):
                 return sd.unet(xt, t, cond)
         u = uncond_at(step)

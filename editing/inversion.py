@@ -45,7 +45,7 @@ class Inversion:
 def ddim_latents(sd, image, prompt, steps, progress=False):
     """Conditional DDIM inversion at w = 1: [z_0, ..., z_T]."""
     z0 = sd.encode_image(image).to(sd.latent_dtype)
-    cond = sd.encode_prompt([prompt])
+    cond = sd.encode_prompt([prompt], sd.image_size(z0))
     with torch.no_grad():
         zs = invert(sd.denoiser(cond, 1.0, steps), z0, sd.scheduler, steps, progress=progress)
     return zs
@@ -60,13 +60,18 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
     smallest number (6e-8), so the update is 0/0 = NaN; and the early-stop limit 1e-5 is below
     fp16's normal range (6.1e-5).
 
+    What is optimised is the whole unconditional context, starting from the model's empty prompt:
+    "" on SD; on SDXL the zero context (force_zeros_for_empty_prompt), its 77 token rows AND its pooled
+    vector (both live in the context tensor); the UNet detaches the size conditioning.
+
     `progress`: a bar over the steps whose postfix counts the inner Adam steps and shows the loss
     (each inner step is a UNet forward and backward pass, up to `inner_steps` of them per step)."""
     steps = len(zs) - 1
     cfg, acp, ts = sd.scheduler, alphas_cumprod(sd.scheduler), timesteps(sd.scheduler, steps)
     ratio = cfg.num_train_timesteps // steps
-    cond = sd.encode_prompt([prompt])
-    uncond = sd.encode_prompt([""]).to(sd.latent_dtype)  # the fp32 copy that Adam updates
+    size = sd.image_size(zs[0])
+    cond = sd.encode_prompt([prompt], size)
+    uncond = sd.encode_negative(None, 1, size).to(sd.latent_dtype)  # the fp32 copy that Adam updates
     out, x = [], zs[-1]
     bar = None
     if progress:
@@ -122,7 +127,7 @@ def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5,
         with torch.enable_grad():
             return Inversion(zs, prompt, method, uncond=null_text(sd, zs, prompt, guidance_scale, progress=progress))
     if method == "negative-prompt":
-        return Inversion(zs, prompt, method, uncond=[sd.encode_prompt([prompt])] * steps)
+        return Inversion(zs, prompt, method, uncond=[sd.encode_prompt([prompt], sd.image_size(zs[0]))] * steps)
     return Inversion(zs, prompt, method, direct=method == "direct")
 
 

@@ -50,14 +50,29 @@ FEATURE_LAYERS = ("output_blocks.4.0",)
 # The official list for SD (pnp-diffusers: decoder layers 4-11). `decoder_self_attention` is the
 # default rule; on SD it gives exactly these (tests/test_pnp.py checks it).
 ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in range(4, 12))
+# SDXL has no official PnP. Our choice, by level: SD's layer 4 is the second decoder block at maps of
+# 1/4 of the latent (16x16 at 512²); SDXL's at 1/4 (32x32 at 1024²) is its first decoder level, so the
+# feature is output_blocks.1.0 and the self-attention every decoder attn1 from block 1 on (blocks 1-5:
+# 10 + 10 + 2 + 2 + 2 = 26 layers), the same resolutions SD's 4-11 cover (1/4 and finer).
+SDXL_FIRST_BLOCK = 1
 SCHEDULES = ("constant", "linear", "exp")
 INVERSION_STEPS = 999  # both official codes (see above)
 
 
-def decoder_self_attention(sd, first=4):
-    """attn1 of every decoder layer from `first` on: SD's layers 4-11, and the same rule elsewhere."""
+def decoder_self_attention(sd, first=None):
+    """attn1 of every decoder layer from `first` on: SD's layers 4-11, and the same rule elsewhere
+    (first = 4; SDXL: 1, see SDXL_FIRST_BLOCK)."""
+    first = (SDXL_FIRST_BLOCK if sd.is_sdxl else 4) if first is None else first
     infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(place="up", kind="self_attention", point="q")]
     return [i.module for i in infos if i.block >= first]
+
+
+def default_feature_layers(sd):
+    """The ResBlock whose `hook_h` is injected: SD's decoder layer 4, or SDXL's analogue (our choice)."""
+    if not sd.is_sdxl:
+        return FEATURE_LAYERS
+    infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(place="up", kind="resblock", point="h")]
+    return tuple(i.module for i in infos if i.block == SDXL_FIRST_BLOCK)
 
 
 def negative_alpha(schedule: str, alpha: float, step: int, steps: int) -> float:
@@ -133,7 +148,7 @@ def inversion_latents(sd, image, prompt="", steps=50, inversion_steps=None, prog
     check_inversion_steps(sd, steps, inversion_steps)
     z0 = sd.encode_image(image).to(sd.latent_dtype)
     with torch.no_grad():
-        den = sd.denoiser(sd.encode_prompt([prompt]), 1.0, inversion_steps)
+        den = sd.denoiser(sd.encode_prompt([prompt], sd.image_size(z0)), 1.0, inversion_steps)
         zs = invert(den, z0, sd.scheduler, inversion_steps, progress=progress)
     return keep_sampling_latents(sd, zs, steps)
 
@@ -148,7 +163,7 @@ def check_fraction(name, value):
 @torch.no_grad()
 def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negative_prompt=None, alpha=0.0,
               alpha_schedule="constant", feature_injection=0.8, attention_injection=0.5,
-              feature_layers: Sequence[str] = FEATURE_LAYERS, attention_layers: Optional[Sequence[str]] = None,
+              feature_layers: Optional[Sequence[str]] = None, attention_layers: Optional[Sequence[str]] = None,
               guidance_scale=7.5, steps=50, inversion_steps=INVERSION_STEPS, latents: Optional[list] = None,
               observe: Optional[dict] = None, progress=True) -> PnPResult:
     """Translate `image` (PIL / [1,3,H,W] in [0,1]) to `prompt`.
@@ -163,6 +178,8 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     Ranges: `alpha`, `feature_injection`, `attention_injection` in [0, 1]; `alpha_schedule` constant,
     linear or exp; `steps` 1 to 999; `inversion_steps` at least `steps` and passing through all of its
     timesteps (`steps` itself, or 999); `guidance_scale` a number (official 7.5).
+    `feature_layers`, `attention_layers`: None for the defaults (SD: decoder layer 4 and 4-11, the
+    official ones; SDXL: our choice, see SDXL_FIRST_BLOCK).
     `progress`: tqdm bars on stderr for the inversion and the sampling."""
     for name, value in (("alpha", alpha), ("feature_injection", feature_injection),
                         ("attention_injection", attention_injection)):
@@ -175,6 +192,7 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     else:
         check_inversion_steps(sd, steps, len(latents) - 1, f"the guidance latents' step count")
     attention_layers = decoder_self_attention(sd) if attention_layers is None else attention_layers
+    feature_layers = default_feature_layers(sd) if feature_layers is None else feature_layers
     names = set(sd.unet.hook_names())
     for layer in list(feature_layers) + list(attention_layers):
         point = "hook_h" if layer in feature_layers else "hook_q"
@@ -184,9 +202,11 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
         zs = inversion_latents(sd, image, inversion_prompt, steps, inversion_steps, progress)
     else:
         zs = keep_sampling_latents(sd, latents, steps)
-    src_ctx = sd.encode_prompt([source_prompt])
+    size = sd.image_size(zs[0])
     texts = [""] + ([negative_prompt] if negative_prompt is not None else []) + [prompt]
-    ctx = torch.cat([src_ctx, sd.encode_prompt(texts)])
+    # the unconditional row is the model's empty prompt: "" on SD, zeros on SDXL (force_zeros_for_empty_prompt)
+    ctx = torch.cat([sd.encode_prompt([source_prompt], size), sd.encode_negative(None, 1, size),
+                     sd.encode_prompt(texts[1:], size)])
     neg = negative_prompt is not None
     rows = {"source": [0], "uncond": [1], "cond": [len(texts)], **({"negative": [2]} if neg else {})}
     # Every row after the source is translated; which steps inject is a table on the device, read with

@@ -260,7 +260,8 @@ class UNetModel(HookedModule):
         if self.cfg.adm_in_channels:  # SDXL: emb += MLP([pooled text, embedded sizes and crop])
             context, pooled, time_ids = unpack_added_cond(context, self.cfg)
             # the sizes are embedded from float32: in bf16, 1000 would already be 1000 but 1001 not
-            ids = timestep_embedding(time_ids.float().reshape(-1), self.cfg.time_id_dim).reshape(len(x), -1)
+            # detached: they are sizes, not something null-text inversion may optimise with the row
+            ids = timestep_embedding(time_ids.detach().float().reshape(-1), self.cfg.time_id_dim).reshape(len(x), -1)
             emb = emb + self.label_emb(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=1))
         x, context = x.to(dtype), context.to(dtype)
         skips, h = [], x
