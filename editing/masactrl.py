@@ -37,6 +37,22 @@ Facts from the official code (TencentARC/MasaCtrl @ d0ba16b, masactrl/masactrl.p
   bg (1 - M_t) (:324-328), for both halves. Here that mix is applied to the probabilities at
   `hook_probs` (the same, since out = P v is linear in P); it makes those layers use the explicit
   attention path.
+- SDXL (run_synthesis_sdxl.py, commit 2a7861d): the same editor with `model_type="SDXL"`, i.e.
+  `layer_idx = range(start_layer, 70)` over SDXL's 70 transformer blocks (masactrl.py:15-18, :36;
+  SDXL's spatial transformers hold 2 or 10 blocks, each with its attn1, so `// 2` still counts
+  self-attention layers). `STEP = 4` and `LAYER_LIST = [44, 54, 64]`: not a list of layers but
+  three separate runs, each from one start layer to the last ("hyper paramerter of MasaCtrl for
+  SDXL may be not optimal"). 44, 54 and 64 are the first self-attention layers of the decoder's
+  2nd, 3rd and 4th spatial transformer (output_blocks.1.1, .2.1, .3.1; `sdxl_start_layers`). SD's
+  official 10 is the first of its decoder's 4th (output_blocks.6.1), and so is our default on both.
+  The script samples 1024 x 1024 with guidance 7.5, no negative prompt (zeros: SDXL's
+  force_zeros_for_empty_prompt) and DDIM with diffusers' `steps_offset` 0, as the SD scripts do;
+  here `sd.scheduler` is used as it is. tests/test_sdxl_masactrl.py runs the official editors on
+  a small random SDXL and checks our images against them.
+- Mask-guided on SDXL: the official masks come from 16 x 16 maps only (masactrl.py:279), and at
+  1024 x 1024 SDXL's cross-attention maps are 64 x 64 and 32 x 32, so the official editor would
+  quietly make no mask (:295-298). We refuse such sizes; at 512 x 512 or 256 x 256 (a 16 x 16 map
+  at level 2 or 1) it runs as on SD, and matches the official MaskAuto (tests/test_sdxl_masactrl.py).
 Compiled (`sd.compile()`), plain MasaCtrl keeps one graph: `swap` reads the step as a tensor
 (`ctx.at_step`). The mask-guided hooks keep Python state per UNet call (the maps seen so far), so
 compiled they make a graph per step until torch's recompile limit and then run eagerly: the images
@@ -67,11 +83,33 @@ def self_attention_layers(sd):
     return [sd.unet.hook_info(n).module for n in sd.unet.hook_names(kind="self_attention", point="k")]
 
 
+def _layer_infos(sd):
+    return [sd.unet.hook_info(n) for n in sd.unet.hook_names(kind="self_attention", point="k")]
+
+
 def default_start_layer(sd):
     """The official choice transferred to any UNet: the first self-attention layer of the decoder's
-    two finest resolutions (levels 0 and 1). SD: 10 of 16, the official number; sdlens-tiny: 5 of 11."""
-    infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(kind="self_attention", point="k")]
-    return next(i for i, info in enumerate(infos) if info.place == "up" and info.level <= 1)
+    two finest resolutions (levels 0 and 1). SD: 10 of 16, the official number; SDXL (no attention
+    at level 0): 64 of 70, the last of the official script's three; sdlens-tiny: 5 of 11."""
+    return next(i for i, info in enumerate(_layer_infos(sd)) if info.place == "up" and info.level <= 1)
+
+
+def decoder_transformer_starts(sd):
+    """The first self-attention layer (transformer block 0) of each of the decoder's spatial
+    transformers, as indices into `self_attention_layers(sd)`. SDXL: 34, 44, 54, 64, 66, 68."""
+    return [i for i, info in enumerate(_layer_infos(sd)) if info.place == "up" and info.transformer_block == 0]
+
+
+SDXL_TRANSFORMERS = (1, 2, 3)  # run_synthesis_sdxl.py LAYER_LIST = [44, 54, 64]: the decoder's 2nd, 3rd, 4th
+
+
+def sdxl_start_layers(sd):
+    """The official SDXL script's three start layers, found on this UNet: SDXL [44, 54, 64]."""
+    starts = decoder_transformer_starts(sd)
+    if len(starts) <= max(SDXL_TRANSFORMERS):
+        raise ValueError(f"this UNet's decoder has {len(starts)} spatial transformers; the official SDXL "
+                         f"start layers need {max(SDXL_TRANSFORMERS) + 1}")
+    return [starts[j] for j in SDXL_TRANSFORMERS]
 
 
 def _int(name, value, lo, hi, what=""):
@@ -96,8 +134,9 @@ class MasaCtrl:
                  mask_word: Union[None, str, Sequence[str]] = None, mask_threshold=THRESHOLD):
         """`start_step`: the first sampling step with mutual attention (0 .. steps; steps: none;
         official 4 of 50). `start_layer`: the first self-attention layer, counted in execution order
-        over `self_attention_layers(sd)` (0 .. their count; the count: none). None: the decoder's two
-        finest resolutions, `default_start_layer` (SD: 10, the official; sdlens-tiny: 5).
+        over `self_attention_layers(sd)` (0 .. their count; the count: none), the official numbering
+        (SD 16 layers, SDXL 70). None: the decoder's two finest resolutions, `default_start_layer`
+        (SD: 10, the official; SDXL: 64, one of the official 44, 54, 64; sdlens-tiny: 5).
         `mask_word`: mask-guided MasaCtrl; a word of both prompts, or (source word, target word),
         e.g. ("circle", "star"). `mask_threshold`: the cut of the normalised maps (official 0.1)."""
         for name, p in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
@@ -199,6 +238,19 @@ class MasaCtrl:
         assert size[0] * size[1] == n, (size, n)
         return size
 
+    def check_mask_size(self, image_size):
+        """Mask-guided needs a cross-attention map of 16 x 16 queries (the official masks are made from
+        those only, masactrl.py:279; with none the official editor silently makes no mask, :295-298).
+        SD at 512 has one; SDXL at 1024 has 64 x 64 and 32 x 32 maps only, at 512 a 16 x 16 one."""
+        unet = self.sd.unet
+        downs = sorted({unet.hook_info(n).downscale for n in unet.hook_names(kind="cross_attention", point="probs")})
+        maps = [(math.ceil(self.hw[0] / d), math.ceil(self.hw[1] / d)) for d in downs]
+        if (MASK_SIZE, MASK_SIZE) not in maps:
+            sides = " or ".join(str(MASK_SIZE * d * self.sd.latent_factor) for d in reversed(downs))
+            raise ValueError(f"mask_word needs a cross-attention map of {MASK_SIZE}x{MASK_SIZE} queries (the official "
+                             f"masks are made from those only), and a {image_size[0]}x{image_size[1]} image has "
+                             f"{', '.join(f'{h}x{w}' for h, w in maps)}; use a square image of side {sides}")
+
     @staticmethod
     def keeping(store, point, fn):
         def keep(x, hook):
@@ -247,12 +299,9 @@ class MasaCtrl:
         x = start_noise(sd, 2, steps=self.steps, seed=seed, latents=latents, inversion=inversion, height=height,
                         width=width)
         self.hw = tuple(x.shape[-2:])
-        if self.tokens is not None and not any(
-                math.ceil(self.hw[0] / sd.unet.hook_info(n).downscale) * math.ceil(self.hw[1] / sd.unet.hook_info(n).downscale)
-                == MASK_SIZE ** 2 for n in sd.unet.hook_names(kind="cross_attention", point="probs")):
-            raise ValueError(f"mask_word needs cross-attention maps of 16x16 queries (official), and a "
-                             f"{self.hw[0]}x{self.hw[1]} latent has none; use a square image of the model's size")
-        denoise = batch_denoiser(sd, prompts, self.steps, guidance_scale, inversion)
+        if self.tokens is not None:
+            self.check_mask_size(sd.image_size(x))
+        denoise = batch_denoiser(sd, prompts, self.steps, guidance_scale, inversion, size=sd.image_size(x))
         self.maps, self.maps_step, self.last_masks = [], None, None
         with sd.unet.hooks(self.hooks()):
             x = sample(denoise, x, sd.scheduler, self.steps, progress=progress,
