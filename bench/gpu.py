@@ -21,7 +21,9 @@ Sections (each one's failure is recorded in gpu.json and the run goes on):
   `hook_probs` hooked by an identity: the explicit-softmax path P2P forces, against SDPA: the most a
   fused attention-edit kernel could save), channels_last, generate, p2p (against a generate of its two
   prompts), pnp (with a `--steps` inversion), null_text, dift (SD 2.1 at 768^2, t = 261, up_ft_index 1,
-  ensemble 8), profile (top kernels of a few generate steps).
+  ensemble 8), sdxl (bench/gpu_sdxl.py: SDXL base at 1024² fp16, generate against StableDiffusionXLPipeline
+  eager and compiled, SDXL-Turbo 1-step latency, P2P against a generate of its two prompts, peak memory),
+  profile (top kernels of a few generate steps).
 Compiled variants use `torch.compile(backend=--compile-backend, dynamic=False)` (one static graph per
 shape: the bench's shapes are fixed) for sdlens' `core` and for diffusers' UNet; first-call times
 (compilation) are reported apart. PnP, null-text (a backward pass) and DIFT are timed eager.
@@ -45,7 +47,7 @@ sys.path.insert(0, HERE)
 from gpu_report import AIMS, table, write_atomic  # noqa: E402  (bench/ is no package)
 
 ENTRIES = ("correctness", "host_syncs", "unet_forward", "attention_hooks", "channels_last", "generate", "p2p", "pnp",
-           "null_text", "dift", "profile")
+           "null_text", "dift", "sdxl", "profile")
 PROMPT, SRC, TGT = "a photo of an astronaut riding a horse", "a big red circle on the left", "a big blue circle on the left"
 # The correctness checks' smallest image side. A check is only as sound as its computation is well-conditioned
 # (gpu_models.judge). --small's 64^2 puts its UNet's deepest level at 1x1, where each GroupNorm group holds 2
@@ -255,6 +257,10 @@ class Bench:
         for v in res.values():
             v["images_per_s"] = n / v["median_s"]
         return dict(images=n, size=size, ensemble=ens, t=261, hook=name, mode="eager", runs=res)
+
+    def sdxl(self):
+        import gpu_sdxl
+        return gpu_sdxl.run(self)
 
     def profile(self):
         from torch.profiler import ProfilerActivity, profile

@@ -94,10 +94,13 @@ def to_sdlens(pipe, dtype):
     from sdlens.weights.config import configs_from_diffusers
     from sdlens.weights.convert import unet_to_diffusers, vae_to_diffusers
     from sdlens.weights.load import fill
-    ucfg, vcfg, tcfg = configs_from_diffusers(dict(pipe.unet.config), dict(pipe.vae.config),
-                                              pipe.text_encoder.config.to_dict())
+    te2 = getattr(pipe, "text_encoder_2", None)  # SDXL
+    ucfg, vcfg, tcfg, *t2cfg = configs_from_diffusers(dict(pipe.unet.config), dict(pipe.vae.config),
+                                                      pipe.text_encoder.config.to_dict(),
+                                                      tc2=te2.config.to_dict() if te2 is not None else None)
     with torch.device("meta"):
         unet, vae, text = UNetModel(ucfg), AutoencoderKL(vcfg), CLIPTextEncoder(tcfg)
+        text2 = CLIPTextEncoder(t2cfg[0]) if te2 is not None else None
     u, v, t = pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
     src = lambda d: {k: (tuple(x.shape), (lambda x=x: x)) for k, x in d.items()}
     up = lambda x: x[:, :, None, None] if x.ndim == 2 else x  # VAE mid attention: Linear there, 1x1 conv here
@@ -108,7 +111,12 @@ def to_sdlens(pipe, dtype):
     text = fill(text, src({k: t[bare(k)] for k in text.state_dict()}), "text encoder", "bench", dtype, dev)
     sched = DDIMConfig(prediction_type=pipe.scheduler.config.prediction_type)
     size = pipe.unet.config.sample_size * 2 ** (len(vcfg.ch_mult) - 1)
-    return StableDiffusion(unet, vae, text, pipe.tokenizer, sched, default_size=size)
+    if te2 is None:
+        return StableDiffusion(unet, vae, text, pipe.tokenizer, sched, default_size=size)
+    t2 = te2.state_dict()
+    text2 = fill(text2, src({k: t2[k] for k in text2.state_dict()}), "text encoder 2", "bench", dtype, dev)
+    return StableDiffusion(unet, vae, text, pipe.tokenizer, sched, default_size=size, text_encoder_2=text2,
+                           tokenizer_2=pipe.tokenizer_2, force_zeros_for_empty_prompt=True)
 
 
 def rel_err(x, ref):

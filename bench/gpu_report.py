@@ -79,6 +79,18 @@ def table(R, aims_apply):
         o, b = r["sdlens_extract"], r["diffusers_dift"]
         add(f"DIFT {v['size']}^2, ensemble {v['ensemble']}, {v['images']} images", cell(o, f" ({o['images_per_s']:.2f} img/s)"),
             cell(b, f" ({b['images_per_s']:.2f} img/s)"), f"{b['median_s'] / o['median_s']:.2f}x faster")
+    if (v := get("sdxl")):
+        g, n = v["generate"], f"SDXL {v['size']}^2 {v['steps']} steps"
+        for mode in ("eager", "compiled"):
+            if f"sdlens_{mode}" in g:
+                o, b = g[f"sdlens_{mode}"], g[f"diffusers_{mode}"]
+                add(f"{n} generate {mode}", cell(o), cell(b), f"{b['median_s'] / o['median_s']:.2f}x faster")
+        t = v["turbo_1step"]
+        add("SDXL-Turbo 1 step (guidance 0)", cell(t["sdlens"]), cell(t["diffusers"]),
+            f"{t['diffusers']['median_s'] / t['sdlens']['median_s']:.2f}x faster")
+        m = v["p2p"]
+        add(f"{n} P2P (source + target)", cell(m["runs"]["p2p"]), cell(m["runs"]["generate2"]) + " (generate 2)",
+            f"{m['ratio']:.2f}x", f"<= {AIMS['p2p_ratio']}x", m["ratio"] <= AIMS["p2p_ratio"])
     if (v := get("profile")):
         add(f"profile ({v['mode']}, {v['sorted_by']}): top ops", v["summary"], "", "", "")
     head = "| entry | sdlens | baseline | ratio | aim | met? |\n|---|---|---|---|---|---|\n"

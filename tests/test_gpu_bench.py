@@ -24,7 +24,7 @@ def test_gpu_bench_cpu_small(tmp_path):
     report = json.loads((out / "gpu.json").read_text())
     entries = report["entries"]
     assert set(entries) == {"correctness", "host_syncs", "unet_forward", "attention_hooks", "channels_last", "generate",
-                            "p2p", "pnp", "null_text", "dift", "profile"}  # the names are a contract (issue #16)
+                            "p2p", "pnp", "null_text", "dift", "sdxl", "profile"}  # the names are a contract (issue #16)
     errors = {k: v["error"] for k, v in entries.items() if "error" in v}
     assert not errors, errors
     assert entries["profile"] == {"skipped": "--skip-profile"}

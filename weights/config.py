@@ -103,16 +103,16 @@ def _mult(channels, path, key):
     return tuple(c // channels[0] for c in channels)
 
 
-def text_config(tc, path, sdxl=False):
+def text_config(tc, path, sdxl=False, pooled=False):
     """A transformers CLIP text config.json dict -> TextConfig. SDXL reads both encoders at the
-    penultimate layer; its second (`CLIPTextModelWithProjection`) also has the pooled projection."""
+    penultimate layer; its second (`pooled`, a `CLIPTextModelWithProjection`) also has the projection."""
     check_sizes(tc, path)
     try:
-        proj = tc.get("projection_dim", 0) if "WithProjection" in str(tc.get("architectures", "")) else 0
+        proj = tc["projection_dim"] if pooled else 0
         return TextConfig(vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"], num_layers=tc["num_hidden_layers"],
                           num_heads=tc["num_attention_heads"], intermediate_size=tc["intermediate_size"],
                           max_positions=tc["max_position_embeddings"], act=tc.get("hidden_act", "quick_gelu"),
-                          output="penultimate" if sdxl else "last", projection_dim=proj if sdxl else 0)
+                          output="penultimate" if sdxl else "last", projection_dim=proj)
     except KeyError as e:
         raise WeightsError(f"{path}: no {e} field") from None
 
@@ -164,7 +164,7 @@ def configs_from_diffusers(uc, vc, tc, where=".", tc2=None):
     if not isinstance(sf, (int, float)) or isinstance(sf, bool) or not 0 < sf < float("inf"):
         raise WeightsError(f"{vp}: scaling_factor must be a positive number, not {sf!r}")
     text = text_config(tc, tp, sdxl)
-    text2 = text_config(tc2, os.path.join(where, "text_encoder_2", "config.json"), True) if sdxl else None
+    text2 = text_config(tc2, os.path.join(where, "text_encoder_2", "config.json"), True, True) if sdxl else None
     problem = structure_problem(unet, vae, text, text2)
     if problem:
         raise WeightsError(f"{where}: its config.json files describe no working model: {problem}")
