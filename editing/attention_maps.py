@@ -3,13 +3,13 @@
 Built on `AttentionStore` (the public hook API): while the prompt is sampled it records the
 conditional rows' cross-attention probabilities, and the maps are averaged over steps, heads and
 every layer whose map is res x res (the official `aggregate_attention`, which the notebooks show
-at 16 x 16 for SD at 512 x 512).
+at 16 x 16 for SD at 512 x 512; on SDXL, by default, RoyiRa's attn_res: 1/32 of the image).
 """
 from typing import Dict
 
 import torch
 
-from .attention_store import AttentionStore
+from .attention_store import AttentionStore, default_map_size
 from .words import word_tokens
 
 PUNCTUATION = ".,!?;:"
@@ -48,7 +48,7 @@ def word_maps(maps: torch.Tensor, tokenizer, prompt: str) -> WordMaps:
 
 
 @torch.no_grad()
-def attention_maps(sd, prompt: str, seed=None, res=16, steps=50, guidance_scale=7.5, height=None,
+def attention_maps(sd, prompt: str, seed=None, res=None, steps=50, guidance_scale=7.5, height=None,
                    width=None) -> WordMaps:
     """Sample `prompt` and return {word: [res, res] float map}: the cross-attention probability that
     each latent position gives the word, averaged over sampling steps, heads and the layers of that
@@ -56,23 +56,26 @@ def attention_maps(sd, prompt: str, seed=None, res=16, steps=50, guidance_scale=
     maps (a sum would differ by a constant factor per word; the mean keeps every map a probability
     in [0, 1], comparable across words). The result also has `.image` and `.prompt`.
 
+    `res`: the maps' side; None: `default_map_size`, 16 (the notebooks'), or on SDXL RoyiRa's
+    attn_res (ceil(H / 32), ceil(W / 32)), which is [h, w] for a non-square image.
     On sdlens-tiny (16 x 16 latents) use res=8: its 16 x 16 layers attend almost uniformly."""
     if not isinstance(prompt, str) or not prompt.split():
         raise ValueError(f"prompt must be a non-empty string, not {prompt!r}")
-    if isinstance(res, bool) or not isinstance(res, int):
-        raise TypeError(f"res must be an int (the side of the maps), not {res!r}")
+    if res is not None and (isinstance(res, bool) or not isinstance(res, int)):
+        raise TypeError(f"res must be an int (the side of the maps) or None, not {res!r}")
     word_columns(sd.tokenizer, prompt)  # a truncated prompt fails before sampling
     height, width = sd.check_size(height, width)
     hw = (height // sd.latent_factor, width // sd.latent_factor)
-    store = AttentionStore(sd.unet, hw, max_size=res, self_attn=False)
-    if (res, res) not in store.sizes.values():
+    size = default_map_size(sd, (height, width)) if res is None else (res, res)
+    store = AttentionStore(sd.unet, hw, max_size=size, self_attn=False)
+    if size not in store.sizes.values():
         sides = sorted({h for h, w in AttentionStore(sd.unet, hw, max_size=10 ** 6, self_attn=False).sizes.values()
                         if h == w})
-        raise ValueError(f"res={res}: this model has no {res}x{res} cross-attention at {height}x{width}; "
+        raise ValueError(f"res={res}: this model has no {size[0]}x{size[1]} cross-attention at {height}x{width}; "
                          f"use one of {sides}")
     with sd.unet.hooks(store.hooks()):
         image = sd.generate(prompt, steps=steps, guidance_scale=guidance_scale, seed=seed, height=height,
                             width=width, progress=False)[0]
-    out = word_maps(store.aggregate(res)[0], sd.tokenizer, prompt)
+    out = word_maps(store.aggregate(size)[0], sd.tokenizer, prompt)
     out.image = image
     return out

@@ -5,25 +5,53 @@ at most `max_size`^2 queries (official P2P `AttentionStore`: 32^2), so the large
 maps are never materialised, and keeps the rows that `hook.ctx.rows["cond"]` names. Each map is
 averaged over the calls that recorded it: the sampling steps. Attach it
 after an editor's hooks to record the edited maps, as the official store does.
+
+`default_map_size` is the map size that Prompt-to-Prompt and `attention_maps` read by default:
+16 x 16 for SD (the official code's absolute size), 1/32 of the image for SDXL (RoyiRa's port).
 """
 import math
+from typing import Tuple, Union
 
 import torch
 
 KINDS = ("cross_attention", "self_attention")
+OFFICIAL_SIDE = 16  # google/prompt-to-prompt: LocalBlend's and the notebooks' 16 x 16 maps, self-attention <= 16^2
+Size = Union[int, Tuple[int, int]]  # a side (a square map) or a map's (h, w)
+
+
+def default_map_size(sd, image_hw) -> Tuple[int, int]:
+    """The attention-map (h, w) that P2P's store, self-attention replacement and local blend use for
+    `image_hw` = (height, width) in pixels.
+
+    SDXL: RoyiRa/prompt-to-prompt-with-sdxl's `attn_res = (ceil(width / 32), ceil(height / 32))`,
+    the maps of the UNet's deepest level (1/8 VAE x 1/4), 32 x 32 at 1024^2. We give it as (h, w):
+    their LocalBlend reshapes the row-major queries to (attn_res[0], attn_res[1]) = (w, h), which
+    is the same for the square images they run and scrambles a non-square one. Every other model:
+    the official code's absolute 16 x 16 (1/32 of SD 1's 512^2, but 16 at any size, as there)."""
+    if sd.is_sdxl:
+        return math.ceil(image_hw[0] / 32), math.ceil(image_hw[1] / 32)
+    return OFFICIAL_SIDE, OFFICIAL_SIDE
+
+
+def as_hw(size: Size) -> Tuple[int, int]:
+    """A side s -> (s, s); an (h, w) pair unchanged."""
+    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 class AttentionStore:
-    def __init__(self, unet, latent_hw, max_size=32, cross=True, self_attn=True):
-        """`latent_hw`: the latent's (h, w), which fixes every layer's map size."""
+    def __init__(self, unet, latent_hw, max_size: Size = 32, cross=True, self_attn=True):
+        """`latent_hw`: the latent's (h, w), which fixes every layer's map size. `max_size`: a side s
+        (keep maps of at most s^2 queries) or a map's (h, w) (at most h w queries)."""
         self.unet, self.latent_hw = unet, tuple(latent_hw)
+        self.max_size = max_size
+        mh, mw = as_hw(max_size)
         kinds = (["cross_attention"] if cross else []) + (["self_attention"] if self_attn else [])
         self.sizes = {}
         for kind in kinds:
             for n in unet.hook_names(kind=kind, point="probs"):
                 f = unet.hook_info(n).downscale
                 hw = (math.ceil(self.latent_hw[0] / f), math.ceil(self.latent_hw[1] / f))
-                if hw[0] * hw[1] <= max_size ** 2:
+                if hw[0] * hw[1] <= mh * mw:
                     self.sizes[n] = hw
         self.sums, self.counts = {}, {}
 
@@ -47,24 +75,28 @@ class AttentionStore:
         """{name: fn} to pass to `unet.hooks(...)`, alone or after an editor's hooks."""
         return {n: self.hook for n in self.sizes}
 
-    def largest(self, limit=16) -> int:
-        """The largest recorded square map side that is at most `limit` (the usual aggregation size)."""
+    def largest(self, limit=None) -> int:
+        """The largest recorded square map side that is at most `limit` (None: what the store keeps,
+        `max_size`; P2P's store keeps the maps it reads, 16 x 16 on SD)."""
+        limit = math.isqrt(math.prod(as_hw(self.max_size))) if limit is None else limit
         sides = [h for h, w in self.sizes.values() if h == w and h <= limit]
         if not sides:
             raise ValueError(f"no square attention maps of at most {limit}x{limit} were recorded "
                              f"(sizes: {sorted(set(self.sizes.values()))})")
         return max(sides)
 
-    def aggregate(self, size=16, places=("down", "mid", "up"), kind="cross_attention"):
-        """Maps averaged over steps, heads and the matching layers: [rows, size, size, keys].
+    def aggregate(self, size: Size = 16, places=("down", "mid", "up"), kind="cross_attention"):
+        """Maps averaged over steps, heads and the matching layers: [rows, h, w, keys], for `size` a
+        side (h = w = size) or an (h, w) pair (non-square images).
 
         `kind`: "cross_attention" or "self_attention"; `places`: of "down", "mid", "up"."""
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+        h, w = as_hw(size)
         info = self.unet.hook_info
         maps = [self.sums[n] / self.counts[n] for n in self.sizes
-                if n in self.sums and self.sizes[n] == (size, size) and info(n).place in places and info(n).kind == kind]
+                if n in self.sums and self.sizes[n] == (h, w) and info(n).place in places and info(n).kind == kind]
         if not maps:
-            raise ValueError(f"no {kind} maps of {size}x{size} were recorded (sizes: {sorted(set(self.sizes.values()))})")
+            raise ValueError(f"no {kind} maps of {h}x{w} were recorded (sizes: {sorted(set(self.sizes.values()))})")
         m = torch.stack(maps).mean(0)
-        return m.reshape(m.shape[0], size, size, m.shape[-1])
+        return m.reshape(m.shape[0], h, w, m.shape[-1])

@@ -9,6 +9,12 @@ run, the target's attention probabilities are taken from the source's:
 - self-attention at small maps (<= 16x16 by default) := source's for the first steps;
 - local blend: outside a mask from chosen words' maps, the target latent follows the source.
 
+SDXL follows RoyiRa/prompt-to-prompt-with-sdxl (the port users cite): the 16 x 16 above becomes its
+`attn_res`, 1/32 of the image (32 x 32 at 1024^2: the deepest level, all its down, mid and up
+layers, every transformer block), for the store, the self-attention limit and local blend
+(`attention_store.default_map_size`); words are found with the CLIP-L tokenizer, as theirs are,
+and only the conditional rows are edited, as everywhere here.
+
 Defaults follow the official notebooks (google/prompt-to-prompt `prompt-to-prompt_stable.ipynb`,
 `null_text_w_ptp.ipynb`): 50 steps, guidance 7.5, cross_replace_steps 0.8, self_replace_steps 0.4
 (0.2 in some examples), blend threshold 0.3, start_blend 0.2. Where the official code has a rule,
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 import math
 
 from ..schedulers import sample
-from .attention_store import AttentionStore
+from .attention_store import AttentionStore, Size, as_hw, default_map_size
 from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise, step_table
 from .inversion import Inversion
 from .visualize import SavesImages
@@ -107,11 +113,13 @@ class LocalBlend:
     """Words whose attention marks the region that may change; `words[i]` for prompt i (source first).
 
     As the official `LocalBlend` of `null_text_w_ptp.ipynb`: the mask is the mean of the 16 x 16
-    cross-attention maps, summed over the chosen words, max-pooled 3 x 3, resized to the latent,
+    cross-attention maps (SDXL: RoyiRa's attn_res maps, `default_map_size`), summed over the chosen
+    words, max-pooled 3 x 3, resized to the latent,
     divided by its maximum and cut at `threshold`; the union of the source's and each target's.
     `substruct_words` mark a region that must not change: their mask skips the pooling and is cut
     at the second threshold when `threshold` is a pair (official `th=(.3, .3)`). Blending starts
-    at step `int(start_blend N)` (the stable notebook's LocalBlend blends from step 0)."""
+    at step `int(start_blend N)` (the stable notebook's LocalBlend, and RoyiRa's SDXL one, blend
+    from step 0: start_blend=0)."""
     words: Sequence[Sequence[str]]
     threshold: Union[float, Tuple[float, float]] = 0.3
     substruct_words: Optional[Sequence[Sequence[str]]] = None
@@ -134,7 +142,7 @@ class LocalBlend:
         return w
 
     def mask(self, maps, weight, latent_hw, threshold, pool=True):
-        """maps [n, 16, 16, 77] -> boolean mask [n, 1, h, w] (official LocalBlend.get_mask)."""
+        """maps [n, 16, 16, 77] (any map size) -> boolean mask [n, 1, h, w] (official LocalBlend.get_mask)."""
         m = (maps * weight[:, None, None, :]).sum(-1)[:, None]
         if pool:
             m = F.max_pool2d(m, 3, 1, padding=1)
@@ -157,13 +165,14 @@ class EditResult(SavesImages):
 
 class PromptToPrompt:
     def __init__(self, sd, source: str, targets: List[str], mode="replace", cross_replace_steps: Steps = 0.8,
-                 self_replace_steps: Union[float, Tuple[float, float]] = 0.4, self_max_size=16,
+                 self_replace_steps: Union[float, Tuple[float, float]] = 0.4, self_max_size: Optional[Size] = None,
                  equalize: Optional[Dict[str, float]] = None, blend: Optional[LocalBlend] = None, steps=50):
         """`targets`: edited prompts. `mode`: replace (word swap: the same number of words), refine
         (added or removed words) or reweight (the same prompt, re-weighted by `equalize`, which any
         mode takes too). `cross_replace_steps`: a fraction of the steps, a (start, end) pair, or a
         dict of them per word with "default_". `self_replace_steps`: a fraction or a pair, for maps
-        of at most `self_max_size`^2 queries."""
+        of at most `self_max_size`^2 queries (a side, or an (h, w) pair: h w queries; None: the
+        model's `default_map_size`, 16 on SD as the official code, 1/32 of the image on SDXL)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
         if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
@@ -254,20 +263,25 @@ class PromptToPrompt:
 
     def hooks(self, latent_hw):
         """{hook name: fn}: every cross-attention map, and self-attention maps of at most
-        `self_max_size`^2 queries (official `replace_self_attention`: 16^2)."""
-        unet = self.sd.unet
+        `self_max_size`^2 queries (official `replace_self_attention`: 16^2; RoyiRa's SDXL one:
+        attn_res^2, the maps of the deepest level)."""
+        sd, unet = self.sd, self.sd.unet
         self.on_device()
+        size = self.self_max_size
+        if size is None:
+            size = default_map_size(sd, (latent_hw[0] * sd.latent_factor, latent_hw[1] * sd.latent_factor))
+        mh, mw = as_hw(size)
         hooks = {n: self.edit_cross for n in unet.hook_names(kind="cross_attention", point="probs")}
         for n in unet.hook_names(kind="self_attention", point="probs"):
             f = unet.hook_info(n).downscale
-            if math.ceil(latent_hw[0] / f) * math.ceil(latent_hw[1] / f) <= self.self_max_size ** 2:
+            if math.ceil(latent_hw[0] / f) * math.ceil(latent_hw[1] / f) <= mh * mw:
                 hooks[n] = self.edit_self
         return hooks
 
     # ---- sampling ----
     @torch.no_grad()
     def run(self, guidance_scale=7.5, seed=None, latents=None, inversion: Optional[Inversion] = None,
-            low_memory=False, store_size=16, height=None, width=None, progress=True):
+            low_memory=False, store_size: Optional[Size] = None, height=None, width=None, progress=True):
         """Sample the source and the targets together from the same noise -> EditResult.
 
         The noise is `inversion.latents[-1]` (a real image, from `invert_image` with this editor's
@@ -275,20 +289,26 @@ class PromptToPrompt:
         (an int, or None for fresh noise) at `height` x `width` (multiples of 8; default the
         model's size). `guidance_scale`: w, any finite number (1 turns guidance off; official 7.5).
         `low_memory`: unconditional and conditional rows in two passes. `store_size`: the largest
-        map side the attention store keeps: 16, what local blend and the pictures read (the official
-        store keeps up to 32, and recording SD's 32 x 32 self-attention maps would take them off the
-        fused attention path, for maps nothing reads). `progress`: a tqdm bar on stderr."""
+        map side (or (h, w)) the attention store keeps; None: `default_map_size`, what local blend and
+        the pictures read, 16 on SD (the official store keeps up to 32, and recording SD's 32 x 32
+        self-attention maps would take them off the fused attention path, for maps nothing reads) and
+        RoyiRa's attn_res on SDXL (32 x 32 at 1024^2, where their store's constant 32^2 is the same).
+        `progress`: a tqdm bar on stderr."""
         sd, steps = self.sd, self.steps
         prompts = [self.source] + self.targets
         n = len(prompts)
         check_guidance(guidance_scale)
         x = start_noise(sd, n, steps=steps, seed=seed, latents=latents, inversion=inversion, height=height, width=width)
         hw = tuple(x.shape[-2:])
-        store = AttentionStore(sd.unet, hw, max_size=store_size)
-        if self.blend is not None and (16, 16) not in store.sizes.values():
-            raise ValueError(f"local blend needs 16x16 cross-attention maps (official LocalBlend), and a {hw[0]}x{hw[1]} "
-                             f"latent has {sorted(set(store.sizes.values()))}; use a square image of the model's size")
-        denoise = batch_denoiser(sd, prompts, steps, guidance_scale, inversion, low_memory)
+        map_hw = default_map_size(sd, sd.image_size(x))  # what local blend reads
+        store = AttentionStore(sd.unet, hw, max_size=map_hw if store_size is None else store_size)
+        if self.blend is not None and map_hw not in store.sizes.values():
+            why = "RoyiRa's SDXL LocalBlend: 1/32 of the image" if sd.is_sdxl else "official LocalBlend"
+            fix = f"store_size={store_size!r} must keep them" if store_size is not None else \
+                "use a square image of the model's size"
+            raise ValueError(f"local blend needs {map_hw[0]}x{map_hw[1]} cross-attention maps ({why}), and the store "
+                             f"keeps {sorted(set(store.sizes.values()))} of a {hw[0]}x{hw[1]} latent; {fix}")
+        denoise = batch_denoiser(sd, prompts, steps, guidance_scale, inversion, low_memory, sd.image_size(x))
 
         start_blend = int(self.blend.start_blend * steps) if self.blend is not None else steps
         last_mask = []
@@ -299,7 +319,7 @@ class PromptToPrompt:
         def callback(step, t, xt):
             xt = follow_inversion(inversion, step, xt)
             if self.blend is not None and step >= start_blend and n > 1:
-                maps = store.aggregate(16)
+                maps = store.aggregate(map_hw)
                 mask = self.blend.mask(maps, blend_w, hw, self.blend_th[0])
                 mask = mask[:1] | mask[1:]  # union of the source's and each target's region
                 if sub_w is not None:  # official: no pooling, the second threshold
