@@ -13,6 +13,7 @@ from .cli import (Parser, add_model_args, add_sampling_args, check_device, finit
 from .editbench import cli as editbench_cli
 from .features import cli as features_cli
 from .outputs import Staged, save_image_atomic
+from .pipeline import SAMPLERS
 
 
 def parser():
@@ -21,11 +22,14 @@ def parser():
     g = sub.add_parser("generate", help="text to image")
     add_model_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None, help="what to steer away from (default: \"\")")
+    g.add_argument("--negative-prompt", default=None,
+                   help="what to steer away from (default: \"\"; SDXL: a zero context, as diffusers)")
     g.add_argument("--eta", type=finite, default=0.0, help="DDIM noise, 0 (deterministic) to 1")
+    g.add_argument("--sampler", default="ddim", choices=SAMPLERS,
+                   help="ddim, or euler_ancestral (the turbo models' own; --eta does not apply)")
     g.add_argument("--height", type=positive, default=None, help="multiple of 8 (default: the model's size)")
     g.add_argument("--width", type=positive, default=None, help="multiple of 8 (default: the model's size)")
-    add_sampling_args(g, "PNG file to write")
+    add_sampling_args(g, "PNG file to write", model_defaults=True)
     p = sub.add_parser("p2p", help="Prompt-to-Prompt edit of a generated or real image")
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="source prompt (describes --image when one is given)")
@@ -98,11 +102,15 @@ MASACTRL_FILES = ("source.png", "edit.png")
 def cmd_generate(args):
     if not args.out.lower().endswith(".png"):
         raise ValueError(f"--out {args.out!r} must end in .png")
+    if args.sampler != "ddim" and args.eta != 0:
+        raise ValueError(f"--eta {args.eta:g} is DDIM's; --sampler {args.sampler} adds its own noise, leave --eta out")
     preflight(args, (), folder=False)
     sd = load_model(args)
+    # None steps / guidance: the model's defaults (sd.defaults; turbo: 1 step, w = 0); no negative prompt: "",
+    # or SDXL's zero context; height / width: the model's size, which is also what its size ids say.
     image = sd.generate(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                         guidance_scale=args.guidance, eta=args.eta, seed=args.seed,
-                        height=args.height, width=args.width)[0]
+                        height=args.height, width=args.width, sampler=args.sampler)[0]
     save_image_atomic(image, args.out)
     print(args.out)
 

@@ -79,7 +79,11 @@ def seed(text):
 
 
 def add_model_args(p):
-    p.add_argument("--model", default=None, help="single-file .safetensors or diffusers folder (default: bundled sdlens-tiny)")
+    p.add_argument("--model", default=None, help="single-file .safetensors or diffusers folder, SD 1.x/2.x or SDXL "
+                                                 "(default: bundled sdlens-tiny)")
+    p.add_argument("--config", default=None,
+                   help="single files only: a preset (sd1, sd2, sd2-v, sd-turbo, sdxl, sdxl-turbo), a diffusers "
+                        "folder with the model's config.json files, or a .json of sdlens configs")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="of the UNet and text encoder (the VAE is float32)")
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
@@ -87,10 +91,19 @@ def add_model_args(p):
     p.add_argument("--allow-pickle", action="store_true", help="load a trusted .ckpt/.pt (weights_only)")
 
 
-def add_sampling_args(p, out_help, seed_arg=True):
-    """The options every sampling command shares (official P2P/PnP defaults: 50 steps, w = 7.5)."""
-    p.add_argument("--steps", type=positive, default=50, help="DDIM steps, 1 to 999")
-    p.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale w (1: none)")
+def add_sampling_args(p, out_help, seed_arg=True, model_defaults=False):
+    """The options every sampling command shares (official P2P/PnP defaults: 50 steps, w = 7.5). With
+    `model_defaults` (generate) steps and guidance default to None: the loaded model's own (`sd.defaults`:
+    50 and 7.5, the turbo models 1 step at w = 0)."""
+    if model_defaults:
+        p.add_argument("--steps", type=positive, default=None,
+                       help="sampling steps, 1 to 999; left out, the model's own: 1 for the turbo models (default: 50)")
+        p.add_argument("--guidance", type=finite, default=None,
+                       help="classifier-free guidance scale w, 0 or 1: none; left out, the model's own: 0 for the "
+                            "turbo models (default: 7.5)")
+    else:
+        p.add_argument("--steps", type=positive, default=50, help="DDIM steps, 1 to 999")
+        p.add_argument("--guidance", type=finite, default=7.5, help="classifier-free guidance scale w (1: none)")
     if seed_arg:
         p.add_argument("--seed", type=seed, default=0, help="0 to 2**63-1")
     p.add_argument("--out", required=True, help=out_help)
@@ -167,4 +180,5 @@ def load_model(args):
     import torch
     import sdlens
     return sdlens.load(args.model, device=args.device, dtype=getattr(torch, args.dtype),
-                       prediction_type=args.prediction_type, allow_pickle=args.allow_pickle)
+                       prediction_type=args.prediction_type, allow_pickle=args.allow_pickle,
+                       config=getattr(args, "config", None))

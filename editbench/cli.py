@@ -124,8 +124,8 @@ def cmd_edit_bench(args):
     data = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images", it.image_path)
                                                              for it in every]
     written = [args.out, partial_path(args.out)] + [partial_path(args.out, r) for r in range(world)] + logs(args.out)
-    check_inputs_kept([("--data", p) for p in data] + model_files(args, "--model", "--dino", "--clip", "--lpips"),
-                      written)
+    models = model_files(args, "--model", "--config", "--dino", "--clip", "--lpips")
+    check_inputs_kept([("--data", p) for p in data] + models, written)
     if os.path.exists(args.out) and not args.force:
         raise ValueError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
     kind, metrics = make_metrics(args, items)
@@ -155,7 +155,8 @@ def barrier(world):
 
 def finish(args, items, methods, kind, metrics, rank, world):
     sd = load_model(args)
-    settings = dict(model=args.model, dtype=args.dtype, size=sd.default_size, data=os.path.abspath(args.data),
+    settings = dict(model=args.model, config=args.config, dtype=args.dtype, size=sd.default_size,
+                    data=os.path.abspath(args.data),
                     steps=args.steps, guidance=args.guidance, mode=args.mode, metrics=kind)
     if world > 1:  # rank 0's settings for all: nodes may mount the shared folder at other paths
         import torch.distributed as dist

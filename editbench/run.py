@@ -81,7 +81,8 @@ def inversion(sd, image, prompt, method, steps, guidance, cache):
                 cache["null-text", prompt] = null_text(sd, zs, prompt, guidance)
         return Inversion(zs, prompt, method, uncond=cache["null-text", prompt])
     if method == "negative-prompt":
-        return Inversion(zs, prompt, method, uncond=[sd.encode_prompt([prompt])] * steps)
+        # the image's size: SDXL's context carries it (its size ids)
+        return Inversion(zs, prompt, method, uncond=[sd.encode_prompt([prompt], sd.image_size(zs[0]))] * steps)
     return Inversion(zs, prompt, method, direct=method == "direct")
 
 
@@ -103,7 +104,7 @@ def reconstruction(sd, zs, prompt, steps):
     from ..schedulers import sample
     out = []
     with torch.no_grad():
-        sample(sd.denoiser(sd.encode_prompt([prompt]), 1.0, steps), zs[-1], sd.scheduler, steps,
+        sample(sd.denoiser(sd.encode_prompt([prompt], sd.image_size(zs[0])), 1.0, steps), zs[-1], sd.scheduler, steps,
                callback=lambda i, t, x: out.append(x))
     return out
 

@@ -18,7 +18,9 @@ def add_parser(sub):
     pca = fsub.add_parser("pca", help="top-3 PCA of features as RGB, one basis shared by all images")
     add_model_args(pca)
     pca.add_argument("--image", nargs="+", required=True, help="one or more images, each centre-cropped and resized")
-    pca.add_argument("--layers", nargs="+", default=["output_blocks.4"], help="blocks or hook names")
+    pca.add_argument("--layers", nargs="+", default=None,
+                     help="blocks or hook names (default: Plug-and-Play's feature ResBlock, output_blocks.4.0 on SD, "
+                          "output_blocks.1.0 on SDXL)")
     pca.add_argument("--step", type=fraction, default=0.5, help="noise level as a fraction of the inversion (0 clean, 1 noise)")
     pca.add_argument("--steps", type=positive, default=50, help="DDIM inversion steps")
     pca.add_argument("--out", required=True, help="folder for pca_<layer>_<image>.png")
@@ -80,7 +82,8 @@ def timestep(text):
 
 
 def add_dift_args(p, ensemble):
-    p.add_argument("--layer", default=None, help="hook point (default: DIFT's up_ft_index 1, paper_layer('dift', 1))")
+    p.add_argument("--layer", default=None, help="hook point (default: DIFT's up_ft_index, 1 on SD and 0 on SDXL: "
+                                                 "features.layers.dift_layer)")
     p.add_argument("--t", type=timestep, default=261, help="timestep (DIFT: 261)")
     p.add_argument("--ensemble", type=positive, default=ensemble, help="noise draws averaged (DIFT: 8)")
     p.add_argument("--seed", type=seed, default=0, help="of the noise draws")
@@ -90,8 +93,8 @@ def check_layer(sd, layer):
     """--layer checked after the model loads, with extract's message under the flag's name."""
     from .extract import check_names
     if layer is None:
-        from .layers import paper_layer
-        return paper_layer("dift", 1, sd.unet)
+        from .layers import dift_layer
+        return dift_layer(sd)
     try:
         return check_names(sd, layer)[0]
     except ValueError as e:
@@ -102,12 +105,12 @@ def cmd_pca(args):
     inputs = [("--image", p) for p in args.image]
     preflight(args, (), inputs)
     from ..editing import load_image
-    from ..editing.pnp import inversion_latents
+    from ..editing.pnp import default_feature_layers, inversion_latents
     from ..pipeline import to_pil
     from ..schedulers import timesteps
     from .pca import collect, pca_rgb, resolve_layers
     sd = load_model(args)
-    names = resolve_layers(sd, args.layers)
+    names = resolve_layers(sd, args.layers or [f"{m}.hook_out" for m in default_feature_layers(sd)])
     outs = {n: [f"pca_{n.replace('.', '_')}_{i:02d}.png" for i in range(len(args.image))] for n in names}
     preflight(args, [f for fs in outs.values() for f in fs], inputs)
     k = round(args.step * args.steps)
@@ -151,12 +154,12 @@ def cmd_spair(args):
     # --force or not, neither the CSV nor the resume log (opened for writing in place) may be a file SPair-71k
     # or the model is made of.
     data = files + [d[f"{side}_path"] for d in pairs for side in ("src", "trg")]
-    check_inputs_kept([("--data", p) for p in data] + model_files(args, "--model"), [args.out, partial])
+    check_inputs_kept([("--data", p) for p in data] + model_files(args, "--model", "--config"), [args.out, partial])
     preflight(args, (), folder=False)
     sd = load_model(args)
     name = check_layer(sd, args.layer)
-    settings = dict(model=args.model, layer=name, t=args.t, ensemble=args.ensemble, seed=args.seed,
-                    size=sd.default_size, dtype=args.dtype, data=os.path.abspath(args.data))
+    settings = dict(model=args.model, config=args.config, layer=name, t=args.t, ensemble=args.ensemble,
+                    seed=args.seed, size=sd.default_size, dtype=args.dtype, data=os.path.abspath(args.data))
     done = resume(partial, settings)
     os.makedirs(os.path.dirname(partial), exist_ok=True)  # the log lives beside --out, so a rerun finds it
     with open(partial, "w") as log:  # rewritten whole: a line cut short by an interruption goes

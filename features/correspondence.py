@@ -113,11 +113,12 @@ def correspond(sd, source_image, points, target_image, *, name=None, t: int = DI
 
     Images: paths, PIL images or [3,H,W] tensors in [0,1], of any sizes (each is resized to the model's
     square, `sd.default_size`, as DIFT resizes SPair's images to 768x768, and its features are upsampled
-    back to its own size). name: the hook point, default `paper_layer("dift", 1)` (DIFT's up_ft_index 1,
-    the output of the second up block). Both images go through the UNet in one batched call."""
+    back to its own size). name: the hook point, default `dift_layer(sd)`: DIFT's up_ft_index 1 on SD (the
+    output of the second up block, 1/16 of the image), its 1/16 counterpart 0 on SDXL (`layers.dift_index`).
+    Both images go through the UNet in one batched call."""
     if name is None:
-        from .layers import paper_layer
-        name = paper_layer("dift", 1, sd.unet)
+        from .layers import dift_layer
+        name = dift_layer(sd)
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     size = sd.default_size

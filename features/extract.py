@@ -17,6 +17,10 @@ or probed the same way:
 
 Cross-attention k and v are computed from the prompt alone (77 text tokens, the same for every
 image), so they are not image features and asking for them is an error.
+
+SDXL works the same way: the prompt's context comes from `sd.encode_prompt(prompts, size)` with the
+images' own size, so its added conditioning (pooled text, size and crop ids) describes them, as
+diffusers' SDXL pipeline would for an image of that size.
 """
 import difflib
 import math
@@ -164,7 +168,7 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
         raise ValueError(f"prompt must be a string or one string per image ({B}), got {prompt!r}")
     mean, logvar = (torch.cat(v) for v in zip(*(sd.vae.encode(2 * x[i:i + max_rows] - 1) for i in range(0, B, max_rows))))
     scale = sd.vae.cfg.scaling_factor
-    ctx = sd.encode_prompt(prompts)
+    ctx = sd.encode_prompt(prompts, size=tuple(x.shape[-2:]))  # SDXL: the images' size in its time ids
     if inversion == "ddim":
         z = torch.cat([ddim_to(sd, mean[i:i + max_rows] * scale, t, ctx[i:i + max_rows]) for i in range(0, B, max_rows)])
     infos = {n: sd.unet.hook_info(n) for n in names}

@@ -6,10 +6,15 @@
     paper_layer("gdf", "up-level1-repeat1-vit-block0-cross-q") -> "output_blocks.4.1.transformer_blocks.0.attn2.hook_q"
     paper_hooks("odise", 0) -> ("output_blocks.1.hook_out", "input_blocks.9.hook_out")   (concatenated on dim 1)
     paper_layers("vpd") -> [0, 1, 2, 3]                          (the valid `layer` values)
+    paper_layer("gdf", "up-level1-repeat0-vit-block0-cross-q", unet=sdxl.unet)
+        -> "output_blocks.3.1.transformer_blocks.0.attn2.hook_q"    (SDXL: pass its UNet)
+    paper_layer("dift", dift_index(sd), sd.unet)                  (DIFT's default for the model: SD 1, SDXL 0)
 
 Every name is built from the numbering rules of both UNets for a topology (`unet=`, default SD 1.x/2.x: 4 levels,
-2 ResBlocks per level, attention at levels 0-2), never read back from a name. tests/test_paper_layers.py proves
-each entry: on the same random weights, our hook's value equals the named diffusers module's output (1e-5).
+2 ResBlocks per level, attention at levels 0-2, one transformer block per spatial transformer; SDXL: 3 levels,
+attention at levels 1-2, 2- and 10-deep transformers), never read back from a name. tests/test_paper_layers.py
+proves each entry: on the same random weights, our hook's value equals the named diffusers module's output (1e-5);
+tests/test_sdxl_features.py does the same on a small SDXL and checks every name on the full-size SDXL.
 
 What a diffusers module's OUTPUT is in our terms (diffusers 0.42 `unet_2d_blocks.py`, `resnet.py`):
 - `down_blocks.i.resnets.j` / `.attentions.j` -> `input_blocks.{1+(R+1)i+j}.0.hook_out` / `.1.hook_out`
@@ -22,10 +27,13 @@ What a diffusers module's OUTPUT is in our terms (diffusers 0.42 `unet_2d_blocks
 - `down_blocks.i` returns a tuple: element 0 (hidden_states, after the downsampler if any) is the level's last input
   block's `hook_out`; element 1 holds every input block output of the level (each its own `input_blocks.N.hook_out`).
 - A Transformer2DModel returns `.sample` (element 0 with return_dict=False): our spatial transformer's `hook_out`.
+- `*.attentions.j.transformer_blocks.K.attn1|attn2` -> `*.1.transformer_blocks.K.attn1|attn2`: K numbers the
+  transformer blocks in both UNets (SDXL's `transformer_layers_per_block`, sgm's `transformer_depth`).
 - `attn1`/`attn2` and their `to_out.0`: our attention `hook_out` [B, N, C]. `to_q`/`to_k`/`to_v` give
   [B, N, heads*d]; ours are split per head: `rearrange(ours, "b h n d -> b n (h d)")` is theirs.
 - `conv_in` -> `input_blocks.0.hook_out`; `conv_out` -> `hook_out` (the UNet's prediction).
-Modules with no point of ours (norms, conv1, proj_in/out, ff, transformer_blocks.0, time_embedding) raise.
+Modules with no point of ours (norms, conv1, proj_in/out, ff, transformer_blocks.K, time_embedding, add_embedding)
+raise.
 """
 import functools
 from typing import Tuple
@@ -67,28 +75,47 @@ ODISE_BLOCKS = (2, 5, 8, 11)
 # attention.py L238-244); sampler `out`; unet `in`, `after-conv-in`, `out` (unet/unet_2d_condition.py L1170-1310).
 # FeatureStore.store (feature_extractor.py L31-60) drops cross-k/v, reshapes [B, N, C] to a square [B, C, h, w]
 # and casts to fp16; its TF.normalize(mean=0, std=1) is the identity. The full SD 1.5 set:
-# feature/configs/config_15_full.json (196 names).
+# feature/configs/config_15_full.json (196 names). `-vit-block{K}` is `.attentions[R].transformer_blocks[K]`
+# (feature_extractor.py L141-158), so on SDXL K runs over its 2 or 10 blocks as our `transformer_blocks.K`.
 GDF_NO_HOOK = {  # their activations that sdlens has no hook for: an error, not a nearby point
     "ffn-inner": "the feed-forward's inner GEGLU activation (attention.py L1255-1257)",
-    "block0-out": "the transformer block's token output before proj_out (attention.py L589-590)",
+    "block-out": "a transformer block's token output before proj_out (attention.py L589-590); sdlens has no hook "
+                 "point on a transformer block's output (its attention q/k/v/map and the spatial transformer's "
+                 "-vit-out have one)",
     "cross-k": "cross-attention keys of the text, which GDF never stores (feature_extractor.py L37-39)",
     "cross-v": "cross-attention values of the text, which GDF never stores (feature_extractor.py L37-39)",
     "unet-in": "the UNet's input: that is the noisy latent you pass in",
 }
+# GDF's "practical" sets (feature/configs/config_15_practical.json, config_xl_practical.json; used at t = 50 with
+# 512^2 / 1024^2 images). Of the XL set only the cross-q has an sdlens hook: the other three are transformer block
+# outputs (GDF_NO_HOOK["block-out"]), so paper_layer raises for them.
+GDF_PRACTICAL = {
+    "sd15": ("up-level1-repeat1-vit-block0-cross-q", "up-level1-repeat2-res-out",
+             "up-level2-repeat1-vit-block0-cross-q", "up-level3-repeat0-vit-block0-self-k"),
+    "sdxl": ("up-level0-repeat0-vit-block7-out", "up-level0-repeat0-vit-block5-out",
+             "up-level1-repeat0-vit-block0-cross-q", "up-level1-repeat0-vit-block0-out"),
+}
+# DIFT's default feature on SDXL. DIFT has no SDXL setting (Tsingularity/dift issue #25 asks, with no maintainer
+# answer when read), so we keep what its SD 2.1 default reads: up_ft_index 1 is the output of up_blocks[1] after its
+# upsampler, 1280 channels at 1/16 of the image (48x48 at 768x768; README L50: "if `up_ft_index=1`, it would be
+# 1/16"). A like-for-like resolution and width is our choice, not DIFT's. On SDXL's 3 levels that is
+# up_ft_index 0 (output_blocks.2 after its upsampler: 1280 channels, 1/16, 64x64 at 1024x1024); its index 1 would
+# be 640 channels at 1/8, and no SDXL up block gives 1/32. `dift_index` finds the 1/16 block from the hook's level.
+DIFT_DOWNSCALE = 16
 PAPERS = ("diffusers", "dift", "pnp", "vpd", "odise", "gdf")
-TRANSFORMER_BLOCK = "transformer_blocks.0"  # SD 1.x/2.x: one transformer block per spatial transformer (depth 1)
 DIFFUSERS_KINDS = ("conv_in, conv_out, mid_block, down_blocks.I, up_blocks.I, <block>.resnets.J, "
                    "<block>.resnets.J.conv2, <block>.attentions.J, "
-                   "<block>.attentions.J.transformer_blocks.0.attn1|attn2[.to_q|.to_k|.to_v|.to_out.0], "
+                   "<block>.attentions.J.transformer_blocks.K.attn1|attn2[.to_q|.to_k|.to_v|.to_out.0], "
                    "down_blocks.I.downsamplers.0, up_blocks.I.upsamplers.0")
 
 
 @functools.lru_cache(maxsize=8)
 def _tables(cfg):
-    """({diffusers path: our hook}, {GDF name: our hook, or None where we have none}) for a UNet config, walking
-    both models' numbering: diffusers by level and repeat, ours by block index."""
+    """({diffusers path: our hook}, {GDF name: our hook}, {GDF name we have no hook for: GDF_NO_HOOK key}) for a
+    UNet config, walking both models' numbering: diffusers by level and repeat, ours by block index, both by
+    transformer block K within a spatial transformer."""
     R, n, attn = cfg.num_res_blocks, len(cfg.channel_mult), set(cfg.attention_levels)
-    diff, gdf = {}, {}
+    diff, gdf, missing = {}, {}, {}
 
     def add(dpath, gname, hook):
         if dpath:
@@ -100,36 +127,38 @@ def _tables(cfg):
         add(dpath, f"{gname}-res-out", f"{ours}.hook_out")
         add(f"{dpath}.conv2", f"{gname}-res-increment", f"{ours}.hook_h")
 
-    def transformer(dpath, gname, ours):
+    def transformer(dpath, gname, ours, depth):
         add(dpath, f"{gname}-vit-out", f"{ours}.hook_out")
-        for a, kind in (("attn1", "self"), ("attn2", "cross")):
-            d, o = f"{dpath}.{TRANSFORMER_BLOCK}.{a}", f"{ours}.{TRANSFORMER_BLOCK}.{a}"
-            g = f"{gname}-vit-block0-{kind}"
-            add(d, None, f"{o}.hook_out")
-            add(f"{d}.to_out.0", None, f"{o}.hook_out")
-            add(None, f"{g}-map", f"{o}.hook_probs")
-            for p in "qkv":
-                add(f"{d}.to_{p}", f"{g}-{p}", f"{o}.hook_{p}")
-        for g in (f"{gname}-vit-block0-cross-k", f"{gname}-vit-block0-cross-v",
-                  f"{gname}-vit-block0-ffn-inner", f"{gname}-vit-block0-out"):
-            gdf[g] = None
+        for k in range(depth):  # diffusers' transformer_blocks.K is ours
+            block = f"transformer_blocks.{k}"
+            for a, kind in (("attn1", "self"), ("attn2", "cross")):
+                d, o = f"{dpath}.{block}.{a}", f"{ours}.{block}.{a}"
+                g = f"{gname}-vit-block{k}-{kind}"
+                add(d, None, f"{o}.hook_out")
+                add(f"{d}.to_out.0", None, f"{o}.hook_out")
+                add(None, f"{g}-map", f"{o}.hook_probs")
+                for p in "qkv":  # GDF never stores cross-k / -v: those go to `missing` below
+                    add(f"{d}.to_{p}", None if kind == "cross" and p != "q" else f"{g}-{p}", f"{o}.hook_{p}")
+            g = f"{gname}-vit-block{k}"
+            missing.update({f"{g}-cross-k": "cross-k", f"{g}-cross-v": "cross-v", f"{g}-ffn-inner": "ffn-inner",
+                            f"{g}-out": "block-out"})
 
     add("conv_in", "unet-after-conv-in", "input_blocks.0.hook_out")
-    gdf["unet-in"] = None
+    missing["unet-in"] = "unet-in"
     for i in range(n):  # diffusers down_blocks.i is our level i
         first = 1 + (R + 1) * i
         for j in range(R):
             d, g, o = f"down_blocks.{i}", f"down-level{i}-repeat{j}", f"input_blocks.{first + j}"
             resblock(f"{d}.resnets.{j}", g, f"{o}.0")
             if i in attn:
-                transformer(f"{d}.attentions.{j}", g, f"{o}.1")
+                transformer(f"{d}.attentions.{j}", g, f"{o}.1", cfg.depth(i))
         last = first + R - 1
         if i < n - 1:
             last += 1
             add(f"down_blocks.{i}.downsamplers.0", f"down-level{i}-downsampler-out", f"input_blocks.{last}.hook_out")
         add(f"down_blocks.{i}", None, f"input_blocks.{last}.hook_out")
     resblock("mid_block.resnets.0", "mid-repeat0", "middle_block.0")
-    transformer("mid_block.attentions.0", "mid", "middle_block.1")
+    transformer("mid_block.attentions.0", "mid", "middle_block.1", cfg.depth(n - 1))
     resblock("mid_block.resnets.1", "mid-repeat1", "middle_block.2")
     add("mid_block", None, "middle_block.hook_out")
     for i in range(n):  # diffusers up_blocks.i is our level n-1-i
@@ -137,13 +166,13 @@ def _tables(cfg):
             d, g, o = f"up_blocks.{i}", f"up-level{i}-repeat{j}", f"output_blocks.{(R + 1) * i + j}"
             resblock(f"{d}.resnets.{j}", g, f"{o}.0")
             if n - 1 - i in attn:
-                transformer(f"{d}.attentions.{j}", g, f"{o}.1")
+                transformer(f"{d}.attentions.{j}", g, f"{o}.1", cfg.depth(n - 1 - i))
         last = f"output_blocks.{(R + 1) * i + R}.hook_out"
         if i < n - 1:
             add(f"up_blocks.{i}.upsamplers.0", f"up-level{i}-upsampler-out", last)
         add(f"up_blocks.{i}", None, last)
     add("conv_out", "unet-out", "hook_out")
-    return diff, gdf
+    return diff, gdf, missing
 
 
 def _index(paper, layer, count):
@@ -160,22 +189,21 @@ def _hooks(paper, layer, cfg) -> Tuple[str, ...]:
     if paper in ("diffusers", "gdf"):
         if not isinstance(layer, str):
             raise TypeError(f"layer for {paper!r} must be a str, got {layer!r}")
-        diff, gdf = _tables(cfg)
+        diff, gdf, missing = _tables(cfg)
         if paper == "diffusers":
             if layer not in diff:
                 raise ValueError(f"diffusers module {layer!r} has no sdlens hook point (or is not in this "
                                  f"{n}-level UNet); paths with one: {DIFFUSERS_KINDS}")
             return (diff[layer],)
+        if layer in missing:
+            raise ValueError(f"GDF's {layer!r} has no sdlens hook: it is {GDF_NO_HOOK[missing[layer]]}; the GDF "
+                             f"names with one are paper_layers('gdf', unet)")
         if layer not in gdf:
             raise ValueError(f"{layer!r} is not a GDF activation of this {n}-level UNet; GDF names are "
-                             "{down|up}-level{L}-repeat{R}-{res-out|res-increment|vit-out|vit-block0-"
+                             "{down|up}-level{L}-repeat{R}-{res-out|res-increment|vit-out|vit-block{K}-"
                              "{self|cross}-{q|k|v|map}}, {down|up}-level{L}-{down|up}sampler-out, "
                              "mid-repeat{R}-res-..., mid-vit-..., unet-after-conv-in, unet-out; "
-                             "all: paper_layers('gdf')")
-        if gdf[layer] is None:
-            why = next(v for k, v in GDF_NO_HOOK.items() if layer.endswith(k))
-            raise ValueError(f"GDF's {layer!r} has no sdlens hook: it is {why}; the GDF names with one are "
-                             f"paper_layers('gdf')")
+                             "all: paper_layers('gdf', unet)")
         return (gdf[layer],)
     if paper == "dift":
         return _hooks("diffusers", f"up_blocks.{_index(paper, layer, n)}", cfg)
@@ -216,7 +244,8 @@ def paper_hooks(paper: str, layer, unet=None) -> Tuple[str, ...]:
 
 def paper_layer(paper: str, layer, unet=None) -> str:
     """Our hook name for `paper`'s `layer` (see the module docstring): `layer` is a diffusers module path
-    ("diffusers"), a GDF activation name ("gdf"), DIFT's up_ft_index 0-3 ("dift"), PnP's decoder layer 0-11 ("pnp"),
+    ("diffusers"), a GDF activation name ("gdf"), DIFT's up_ft_index ("dift": 0-3 on SD, 0-2 on SDXL; the model's
+    default is `dift_index(sd)`), PnP's decoder layer ("pnp": 0-11 on SD, 0-8 on SDXL),
     or an index into VPD's / ODISE's feature list ("vpd", "odise"). ODISE's features are two points concatenated:
     use `paper_hooks`."""
     names = paper_hooks(paper, layer, unet)
@@ -233,7 +262,7 @@ def paper_layers(paper: str, unet=None) -> list:
     if paper == "diffusers":
         return list(_tables(cfg)[0])
     if paper == "gdf":
-        return [k for k, v in _tables(cfg)[1].items() if v is not None]
+        return list(_tables(cfg)[1])
     if paper == "dift":
         return list(range(len(cfg.channel_mult)))
     if paper == "pnp":
@@ -241,3 +270,18 @@ def paper_layers(paper: str, unet=None) -> list:
     if paper in ("vpd", "odise"):
         return [k for k, b in enumerate(VPD_BLOCKS if paper == "vpd" else ODISE_BLOCKS) if b < n_out]
     raise ValueError(f"unknown paper {paper!r}; valid: {', '.join(PAPERS)}")
+
+
+def dift_index(sd) -> int:
+    """DIFT's default up_ft_index for this model: the up block whose output is 1/16 of the image (DIFT_DOWNSCALE),
+    as SD 2.1's index 1, DIFT's setting. SD 1.x/2.x: 1; SDXL: 0 (see DIFT_DOWNSCALE). A model with no such block
+    (sdlens-tiny: VAE factor 4, up blocks at 1/8 and 1/4) keeps DIFT's own 1. Read from each hook's `level`."""
+    for i in paper_layers("dift", sd.unet):
+        if sd.latent_factor * sd.unet.hook_info(paper_layer("dift", i, sd.unet)).downscale == DIFT_DOWNSCALE:
+            return i
+    return 1
+
+
+def dift_layer(sd) -> str:
+    """The hook of DIFT's default feature for this model: `paper_layer("dift", dift_index(sd), sd.unet)`."""
+    return paper_layer("dift", dift_index(sd), sd.unet)

@@ -40,10 +40,14 @@ def pca_rgb(feats: List[torch.Tensor], k: int = 3) -> List[torch.Tensor]:
 @torch.no_grad()
 def collect(sd, latents: Sequence[torch.Tensor], t: int, names: Sequence[str], prompt: str = "") -> Dict[str, List[torch.Tensor]]:
     """Run the UNet once per given latent (e.g. an inverted one) at timestep t and return
-    {hook name: [per image [C,h,w]]}, each value made spatial as `extract` makes it."""
-    ctx = sd.encode_prompt([prompt])
-    out = {n: [] for n in names}
+    {hook name: [per image [C,h,w]]}, each value made spatial as `extract` makes it. SDXL's context
+    carries each latent's image size (`sd.image_size`)."""
+    out, contexts = {n: [] for n in names}, {}
     for z in latents:
+        size = sd.image_size(z)
+        if size not in contexts:
+            contexts[size] = sd.encode_prompt([prompt], size=size)
+        ctx = contexts[size]
         with sd.unet.record(lambda n: n in out) as store, \
                 sd.unet.step_context(StepContext(step=0, t=t, num_steps=1, rows={"cond": [0]})):
             sd.unet(z, t, ctx)

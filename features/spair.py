@@ -69,8 +69,8 @@ def evaluate(sd, root, *, limit=None, name=None, t=DIFT_T, ensemble=8, seed=0, p
     one call. `done` maps a pair's file name to rows already computed (a resumed run); `on_pair(file, rows)`
     is called after each newly computed pair."""
     if name is None:
-        from .layers import paper_layer
-        name = paper_layer("dift", 1, sd.unet)
+        from .layers import dift_layer
+        name = dift_layer(sd)
     pairs = [(read_pair(p, root), os.path.basename(p)) for p in pair_files(root)]
     pairs.sort(key=lambda x: (x[0]["category"], x[1]))
     pairs = pairs[:limit] if limit else pairs
