@@ -131,14 +131,20 @@ class Staged:
                 moved.append((dst, backup, src))
                 os.replace(src, dst)
         except BaseException:
-            for dst, backup, src in reversed(moved):  # undo: new files out, old files back
-                if not os.path.exists(src) and os.path.lexists(dst):
-                    os.unlink(dst)
-                if backup is not None:
-                    os.replace(backup, dst)
-            for path in made:
-                os.rmdir(path)
+            undo_moves(moved, made)
             raise
+
+
+def undo_moves(moved, made):
+    """Undo an all-or-none write that failed part way: each (target, backup or None, staged file) in
+    `moved` is taken out again and its backup put back, then the folders in `made` (deepest first) go."""
+    for dst, backup, src in reversed(moved):
+        if not os.path.exists(src) and os.path.lexists(dst):
+            os.unlink(dst)
+        if backup is not None:
+            os.replace(backup, dst)
+    for path in made:
+        os.rmdir(path)
 
 
 def read_resume_log(path, settings) -> list:

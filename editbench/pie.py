@@ -24,6 +24,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from ..outputs import undo_moves
+
 GRID = (512, 512)  # mask_decode's default image_shape (evaluate.py:9)
 FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id",
           "blended_word", "mask")
@@ -231,11 +233,5 @@ def _move_in(staged, root, names):
             moved.append((dst, backup, src))
             os.replace(src, dst)
     except BaseException:
-        for dst, backup, src in reversed(moved):  # undo: new files out, old files back
-            if not os.path.exists(src) and os.path.lexists(dst):
-                os.unlink(dst)
-            if backup is not None:
-                os.replace(backup, dst)
-        for d in reversed(made):
-            os.rmdir(d)
+        undo_moves(moved, list(reversed(made)))  # new files out, old files back, new folders removed
         raise
