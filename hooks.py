@@ -68,9 +68,9 @@ class StepContext:
 class HookInfo:
     """Where a hook point sits in the model, recorded when the model is built.
 
-    kind: "resblock", "self_attention", "cross_attention", "transformer" (a spatial transformer's
-    output), "block" (the output of one numbered input/middle/output block) or "model" (the
-    model's output). point: the value seen, "h", "out", "q", "k", "v" or "probs".
+    kind: "resblock", "self_attention", "cross_attention", "transformer_block" (one transformer
+    block's tokens), "transformer" (a spatial transformer's output), "block" (the output of one
+    numbered input/middle/output block) or "model" (the model's output). point: the value seen, "h", "out", "q", "k", "v" or "probs".
     place: "down", "mid", "up", or "" for the model output. block: the index in input_blocks /
     output_blocks (0 for the middle block, -1 for the model output). level: the feature map is
     2**level times smaller than the latent (`downscale`). transformer_block: for points inside a

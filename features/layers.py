@@ -79,16 +79,13 @@ ODISE_BLOCKS = (2, 5, 8, 11)
 # (feature_extractor.py L141-158), so on SDXL K runs over its 2 or 10 blocks as our `transformer_blocks.K`.
 GDF_NO_HOOK = {  # their activations that sdlens has no hook for: an error, not a nearby point
     "ffn-inner": "the feed-forward's inner GEGLU activation (attention.py L1255-1257)",
-    "block-out": "a transformer block's token output before proj_out (attention.py L589-590); sdlens has no hook "
-                 "point on a transformer block's output (its attention q/k/v/map and the spatial transformer's "
-                 "-vit-out have one)",
     "cross-k": "cross-attention keys of the text, which GDF never stores (feature_extractor.py L37-39)",
     "cross-v": "cross-attention values of the text, which GDF never stores (feature_extractor.py L37-39)",
     "unet-in": "the UNet's input: that is the noisy latent you pass in",
 }
 # GDF's "practical" sets (feature/configs/config_15_practical.json, config_xl_practical.json; used at t = 50 with
-# 512^2 / 1024^2 images). Of the XL set only the cross-q has an sdlens hook: the other three are transformer block
-# outputs (GDF_NO_HOOK["block-out"]), so paper_layer raises for them.
+# 512^2 / 1024^2 images). Three of the XL set are transformer block outputs (attention.py L589-590, the tokens before
+# proj_out): our `transformer_blocks.K.hook_out`.
 GDF_PRACTICAL = {
     "sd15": ("up-level1-repeat1-vit-block0-cross-q", "up-level1-repeat2-res-out",
              "up-level2-repeat1-vit-block0-cross-q", "up-level3-repeat0-vit-block0-self-k"),
@@ -140,8 +137,8 @@ def _tables(cfg):
                 for p in "qkv":  # GDF never stores cross-k / -v: those go to `missing` below
                     add(f"{d}.to_{p}", None if kind == "cross" and p != "q" else f"{g}-{p}", f"{o}.hook_{p}")
             g = f"{gname}-vit-block{k}"
-            missing.update({f"{g}-cross-k": "cross-k", f"{g}-cross-v": "cross-v", f"{g}-ffn-inner": "ffn-inner",
-                            f"{g}-out": "block-out"})
+            add(f"{dpath}.{block}", f"{g}-out", f"{ours}.{block}.hook_out")
+            missing.update({f"{g}-cross-k": "cross-k", f"{g}-cross-v": "cross-v", f"{g}-ffn-inner": "ffn-inner"})
 
     add("conv_in", "unet-after-conv-in", "input_blocks.0.hook_out")
     missing["unet-in"] = "unet-in"

@@ -92,6 +92,11 @@ def sd1_fixture(tmp_path_factory):
     return _get("sd1", tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def sd2v_fixture(tmp_path_factory):
+    return _get("sd2v", tmp_path_factory)
+
+
 # SDXL at tiny widths, every structural feature kept: 3 levels with no attention at level 0,
 # 1-, 2- and 3-deep spatial transformers, linear proj_in, two text encoders of DIFFERENT widths
 # (diffusers' single-file loader tells them apart by width), bigG's pooled projection, and the

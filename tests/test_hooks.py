@@ -129,13 +129,13 @@ def test_record_over_steps(fixture):
 def test_hook_info_matches_the_tensors(unet):
     """Every point's recorded level is the size of what it sees (a non-square latent, so rows and
     columns are checked apart), its kind is its module's type, and its block holds that module."""
-    from sdlens.unet.attention import Attention, SpatialTransformer
+    from sdlens.unet.attention import Attention, BasicTransformerBlock, SpatialTransformer
     from sdlens.unet.model import Block, ResBlock
     x, ctx = torch.randn(1, 4, 16, 24), torch.randn(1, 77, 64)
     _, cache = unet.run_with_cache(x, 301, ctx, names=lambda n: True)
     assert set(cache) == set(unet.hook_names())
     types = {"resblock": ResBlock, "transformer": SpatialTransformer, "block": Block,
-             "self_attention": Attention, "cross_attention": Attention}
+             "self_attention": Attention, "cross_attention": Attention, "transformer_block": BasicTransformerBlock}
     for name, v in cache.items():
         info = unet.hook_info(name)
         h, w = -(-16 // info.downscale), -(-24 // info.downscale)
@@ -144,6 +144,8 @@ def test_hook_info_matches_the_tensors(unet):
             if info.point in ("q", "probs", "out") or info.kind == "self_attention":
                 assert tokens == h * w, name
             assert unet.get_submodule(info.module).is_cross == (info.kind == "cross_attention")
+        elif info.kind == "transformer_block":  # tokens [B, h w, C]
+            assert v.shape[1] == h * w, name
         else:
             assert v.shape[-2:] == (h, w), name
         if info.kind == "model":

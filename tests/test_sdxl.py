@@ -204,3 +204,30 @@ def test_timestep_spacings_match_diffusers_ddim():
             assert timesteps(DDIMConfig(timestep_spacing=spacing), n) == d.timesteps.tolist(), (spacing, n)
     with pytest.raises(ValueError, match="timestep_spacing"):
         DDIMConfig(timestep_spacing="uniform")
+
+
+def test_sd_turbo_preset_on_an_sd2_file(sd2v_fixture):
+    """SD-Turbo is SD 2.1-base: an SD 2 single file with config="sd-turbo" is epsilon, 512², trailing
+    timesteps ending at alpha 1, 1 step at guidance 0 by default (one UNet pass at t = 999), and its
+    1-step sample equals diffusers' trailing DDIM on the same weights."""
+    from diffusers import DDIMScheduler
+    f = sd2v_fixture
+    sd = sdlens.load(f["single"], config="sd-turbo")
+    s = sd.scheduler
+    assert (s.prediction_type, s.timestep_spacing, s.set_alpha_to_one, sd.default_size) == ("epsilon", "trailing", True, 512)
+    assert sd.defaults == {"steps": 1, "guidance_scale": 0.0} and sd.name == "sd-turbo"
+    calls = []
+    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with sd.unet.hooks({"hook_out": lambda x, hook: calls.append((hook.ctx.t, x.shape[0]))}):
+        ours = sd.generate(PROMPT, latents=lat, height=128, width=128, output="tensor", progress=False)
+    assert calls == [(999, 1)]
+    pipe = f["pipe"]
+    old = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(old.config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                               prediction_type="epsilon")
+    try:
+        theirs = pipe(PROMPT, num_inference_steps=1, guidance_scale=0.0, latents=lat, height=128, width=128,
+                      output_type="pt").images.float()
+    finally:
+        pipe.scheduler = old
+    assert (ours - theirs).abs().max() < 1e-4

@@ -238,8 +238,8 @@ def test_full_size_sdxl_diffusers_names(full_size):
         mapped.append(name)
     assert sorted(mapped) == sorted(paper_layers("diffusers", ours))
     # conv_in/out, 7 blocks, 6 + 2 + 9 resnets and their conv2, 4 + 1 + 6 transformers of depth 2 or 10 (70
-    # transformer blocks with 2 attentions x 5 paths each), 2 downsamplers and 2 upsamplers
-    assert len(mapped) == 2 + 7 + 2 * 17 + 11 + 70 * 10 + 4
+    # transformer blocks, each itself and 2 attentions x 5 paths), 2 downsamplers and 2 upsamplers
+    assert len(mapped) == 2 + 7 + 2 * 17 + 11 + 70 * 11 + 4
     assert (paper_layer("diffusers", "up_blocks.0.attentions.2.transformer_blocks.9.attn1.to_k", unet=ours)
             == "output_blocks.2.1.transformer_blocks.9.attn1.hook_k")
 
@@ -267,14 +267,15 @@ def test_full_size_sdxl_gdf_names(full_size):
 
 def test_gdf_xl_practical_config(full_size):
     """config_xl_practical.json: its cross-q is output_blocks.3.1's first transformer block (640 channels at 1/16
-    of the image); the other three are transformer block outputs, which sdlens has no hook for."""
+    of the image); the other three are transformer blocks' token outputs (`transformer_blocks.K.hook_out`)."""
     ours = full_size["ours"]
     block7, block5, cross_q, block0 = GDF_PRACTICAL["sdxl"]
     assert paper_layer("gdf", cross_q, unet=ours) == "output_blocks.3.1.transformer_blocks.0.attn2.hook_q"
     assert full_size["shapes"]["output_blocks.3.1.transformer_blocks.0.attn2.hook_q"] == (1, 10, 8 * 8, 64)
-    for name in (block7, block5, block0):
-        with pytest.raises(ValueError, match="has no sdlens hook: it is a transformer block's token output"):
-            paper_layer("gdf", name, unet=ours)
+    assert paper_layer("gdf", block7, unet=ours) == "output_blocks.0.1.transformer_blocks.7.hook_out"
+    assert paper_layer("gdf", block5, unet=ours) == "output_blocks.0.1.transformer_blocks.5.hook_out"
+    assert paper_layer("gdf", block0, unet=ours) == "output_blocks.3.1.transformer_blocks.0.hook_out"
+    assert full_size["shapes"]["output_blocks.0.1.transformer_blocks.7.hook_out"] == (1, 4 * 4, 1280)
     # GDF's vit-block index is our transformer_blocks index, up to SDXL's 10-deep transformers
     assert (paper_layer("gdf", "up-level0-repeat0-vit-block7-self-q", unet=ours)
             == "output_blocks.0.1.transformer_blocks.7.attn1.hook_q")

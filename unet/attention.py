@@ -82,11 +82,12 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.attn2 = Attention(dim, context_dim, heads, head_dim, upcast)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.hook_out = HookPoint()  # the block's tokens [B, HW, C] (generic-diffusion-feature's "-vit-blockK-out")
 
     def forward(self, x, context):
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        return self.hook_out(x + self.ff(self.norm3(x)))
 
 
 class SpatialTransformer(nn.Module):

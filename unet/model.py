@@ -129,7 +129,8 @@ class Block(nn.Module):
         return self.hook_out(x)
 
 
-KINDS = {ResBlock: "resblock", SpatialTransformer: "transformer", Block: "block"}
+KINDS = {ResBlock: "resblock", SpatialTransformer: "transformer", BasicTransformerBlock: "transformer_block",
+         Block: "block"}
 
 
 def locate_hooks(model) -> dict:
