@@ -138,7 +138,7 @@ class Bench:
             dtypes = [torch.float32, torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
             size = max(self.size, CHECK_MIN_SIZE)
             rows = check_modules(self.pipe32, to_sdlens(self.pipe32, torch.float32), dtypes, torch.float64,
-                                 size // 8, size)
+                                 size // 8, self.size)
             gdt = [torch.float16, torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
             rows += check_generate(self.pipe32, lambda d: to_sdlens(self.pipe32, d), gdt,
                                    torch.float32 if cuda else torch.float64, self.steps, size)

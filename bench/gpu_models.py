@@ -154,9 +154,12 @@ def judge(name, dtype, ours, theirs, ref):
 @torch.no_grad()
 def check_modules(pipe, sd, dtypes, ref_dtype, latent, image):
     """UNet, text encoder and VAE (encode and decode) in each dtype, sdlens against diffusers, both
-    measured against diffusers in `ref_dtype` (float64: an oracle far more precise than either)."""
+    measured against diffusers in `ref_dtype` (float64: an oracle far more precise than either).
+    `latent`: the UNet's side; `image`: the VAE's (it decodes image/8 latents). The VAE's deepest level
+    holds many numbers per GroupNorm group even at 64^2, so only the UNet needs gpu.CHECK_MIN_SIZE."""
     dev, g = sd.device, torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, latent, latent, generator=g).to(dev)
+    z = torch.randn(1, 4, image // 8, image // 8, generator=g).to(dev)
     ctx = torch.randn(2, 77, sd.unet.cfg.context_dim, generator=g).to(dev)
     img = (torch.rand(1, 3, image, image, generator=g) * 2 - 1).to(dev)
     ids = sd.tokenize(["a photo of a cat riding a bicycle", "a red circle"])
@@ -166,7 +169,7 @@ def check_modules(pipe, sd, dtypes, ref_dtype, latent, image):
         "unet": (lambda m, d: m(x, t, ctx), lambda m, d: m(x.to(d), tt, ctx.to(d)).sample),
         "text_encoder": (lambda m, d: m(ids), lambda m, d: m(ids).last_hidden_state),
         "vae_encode": (lambda m, d: m.encode(img.to(d))[0], lambda m, d: m.encode(img.to(d)).latent_dist.mean),
-        "vae_decode": (lambda m, d: m.decode(x[:1].to(d)), lambda m, d: m.decode(x[:1].to(d)).sample),
+        "vae_decode": (lambda m, d: m.decode(z.to(d)), lambda m, d: m.decode(z.to(d)).sample),
     }
     rows = []
     for name, (ours_fn, theirs_fn) in runs.items():
