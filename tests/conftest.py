@@ -6,6 +6,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`-n 2`, setup.cfg) each worker computes on one thread: two workers with torch's two
+# threads each would make four on two cores, and OpenMP's spinning threads then wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "clip_tokenizer")
 
 # Topologies that keep every structural feature of the real ones (4 levels, 2 ResBlocks per level,
