@@ -190,6 +190,12 @@ def test_gdf_every_activation(run):
     oracle = gdf_oracle(run["unet"])
     stored = [n for n in oracle if not n.endswith(("cross-k", "cross-v"))]
     assert run["kind"] != "sd15" or len(stored) == 197  # feature/configs/config_15_full.json: 197 names for SD 1.5
+    check_gdf_names(run, oracle, ours_as_theirs)
+
+
+def check_gdf_names(run, oracle, as_theirs):
+    """Every GDF name: our hook's value (`as_theirs(run, hook)`) equals the diffusers value the oracle names,
+    and a name GDF stores nothing for, or that has no sdlens hook, is refused. Also used for SDXL."""
     assert sorted(paper_layers("gdf", run["ours_unet"])) == sorted(n for n, v in oracle.items() if v is not None)
     for name, src in oracle.items():
         if src is None:
@@ -202,7 +208,7 @@ def test_gdf_every_activation(run):
             theirs = probs(attn, run["theirs"][src[1] + ".to_q"], run["theirs"][src[1] + ".to_k"])
         else:
             theirs = run["theirs"][src[0]]
-        torch.testing.assert_close(ours_as_theirs(run, hook), theirs, **TOL, msg=name)
+        torch.testing.assert_close(as_theirs(run, hook), theirs, **TOL, msg=name)
 
 
 @pytest.mark.parametrize("cfg", [SD1, SD2_V], ids=["sd15", "sd21"])

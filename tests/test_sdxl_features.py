@@ -13,7 +13,7 @@ from sdlens.features import correspond, extract, paper_hooks, paper_layer, paper
 from sdlens.features.layers import GDF_PRACTICAL, PAPERS, dift_index, dift_layer
 from sdlens.unet import SD1, SD2_V, SDXL, UNetModel
 from sdlens.unet.model import pack_added_cond
-from sdlens.tests.test_paper_layers import TOL, gdf_oracle, probs  # the oracles written from GDF's code
+from sdlens.tests.test_paper_layers import TOL, check_gdf_names, gdf_oracle  # the oracles written from GDF's code
 
 # diffusers' SDXL base UNet config (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json), our `SDXL`.
 SDXL_DIFFUSERS = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -169,21 +169,7 @@ def test_every_diffusers_module_on_small_sdxl(small_run):
 
 
 def test_gdf_every_activation_on_small_sdxl(small_run):
-    run = small_run
-    oracle = gdf_oracle(run["unet"])
-    assert sorted(paper_layers("gdf", run["ours_unet"])) == sorted(n for n, v in oracle.items() if v is not None)
-    for name, src in oracle.items():
-        if src is None:
-            with pytest.raises(ValueError, match="has no sdlens hook"):
-                paper_layer("gdf", name, unet=run["ours_unet"])
-            continue
-        hook = paper_layer("gdf", name, unet=run["ours_unet"])
-        if src[0] == "map":
-            attn = run["unet"].get_submodule(src[1])
-            theirs = probs(attn, run["theirs"][src[1] + ".to_q"], run["theirs"][src[1] + ".to_k"])
-        else:
-            theirs = run["theirs"][src[0]]
-        torch.testing.assert_close(as_theirs(run, hook), theirs, **TOL, msg=name)
+    check_gdf_names(small_run, gdf_oracle(small_run["unet"]), as_theirs)
 
 
 def test_paper_tables_on_small_sdxl(small_run):
