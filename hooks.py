@@ -30,8 +30,8 @@ class StepContext:
     consecutive rows, so `ctx.slice("cond")` indexes it as a view: a list index would be copied
     to the device as an index tensor at every hook call.
 
-    `step_t` is `step` as a 0-d int64 tensor on the model's device, filled in by the UNet before
-    the call. Hooks that change with the step should read their per-step values from a table on the
+    `step_t` is `step` as a 0-d int64 tensor on the model's device, filled in where the context is
+    set (`model.step_context`), so a context is complete before any hook sees it. Hooks that change with the step should read their per-step values from a table on the
     device with `ctx.at_step(table)` instead of branching on the Python int `step`: a compiled UNet
     (`sd.compile()`) would guard on that int and build a new graph at every step.
     """
@@ -40,6 +40,7 @@ class StepContext:
     num_steps: int = 1
     rows: Dict[str, List[int]] = field(default_factory=dict)
     step_t: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
+    _slices: dict = field(default_factory=dict, compare=False, repr=False)  # group -> slice, made once
 
     def at_step(self, table: torch.Tensor) -> torch.Tensor:
         """Row `step` of a per-step `table` (on the model's device), gathered on the device. Plain
@@ -55,13 +56,15 @@ class StepContext:
         return not torch.compiler.is_compiling() and not active_steps[self.step]
 
     def slice(self, group: str):
-        """The rows of `group` as a slice, to index with (KeyError if there is no such group). Rows
-        that are not consecutive (a sampler of your own may interleave them) come back as the list,
-        which indexes the same rows at the cost of an index copy."""
-        rows = list(self.rows[group])
-        if not rows:
-            return slice(0, 0)
-        return slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else rows
+        """The rows of `group` as a slice, to index with (KeyError if there is no such group), worked out
+        once per context, not at every hook call. Rows that are not consecutive (a sampler of your own
+        may interleave them) come back as the list, which indexes the same rows at the cost of an
+        index copy."""
+        if group not in self._slices:
+            rows = list(self.rows[group])
+            consecutive = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+            self._slices[group] = (slice(rows[0], rows[0] + len(rows)) if rows else slice(0, 0)) if consecutive else rows
+        return self._slices[group]
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,10 @@ class HookInfo:
 
     kind: "resblock", "self_attention", "cross_attention", "transformer_block" (one transformer
     block's tokens), "transformer" (a spatial transformer's output), "block" (the output of one
-    numbered input/middle/output block) or "model" (the model's output). point: the value seen, "h", "out", "q", "k", "v" or "probs".
+    numbered input/middle/output block), "backbone" and "skip" (what a decoder block concatenates:
+    the features coming up the decoder and the encoder's skip; FreeU's two inputs) or "model" (the
+    model's output). point: the value seen, "h", "out", "q", "k", "v", "kv" (keys and values stacked,
+    the one point that may add keys), "probs", "backbone" or "skip".
     place: "down", "mid", "up", or "" for the model output. block: the index in input_blocks /
     output_blocks (0 for the middle block, -1 for the model output). level: the feature map is
     2**level times smaller than the latent (`downscale`). transformer_block: for points inside a
@@ -88,6 +94,12 @@ class HookInfo:
     @property
     def downscale(self) -> int:
         return 2 ** self.level
+
+    def map_size(self, latent_hw) -> tuple:
+        """(h, w) of this point's feature map for a latent of `latent_hw`: each downsample halves a
+        side rounding up (a stride-2 convolution with padding 1), so ceil(h / 2**level)."""
+        f = self.downscale
+        return -(-latent_hw[0] // f), -(-latent_hw[1] // f)
 
 
 class HookPoint(nn.Module):
@@ -125,6 +137,36 @@ class HookPoint(nn.Module):
 
     def extra_repr(self):
         return f"{len(self.fns)} fns" if self.fns else ""
+
+
+class KeyValuePoint(HookPoint):
+    """An attention layer's keys and values, stacked: [2, batch, heads, keys, head_dim].
+
+    The one point whose hooks may return MORE keys (a larger dim -2) than they were given: the
+    explicit extension point for attending to extra keys and values (StyleAligned's shared
+    attention appends the reference image's). Every other dimension, the dtype and the device must
+    stay; every other hook point keeps its shape. The model stacks k and v only when a hook is
+    attached, so an empty point costs nothing."""
+
+    def __call__(self, kv):
+        if not self.fns:
+            return kv
+        for fn in self.fns:
+            out = fn(kv, self)
+            if out is not None:
+                ok = (isinstance(out, torch.Tensor) and out.ndim == kv.ndim and out.shape[-2] >= kv.shape[-2]
+                      and out.shape[:-2] == kv.shape[:-2] and out.shape[-1] == kv.shape[-1])
+                if not ok:
+                    raise ValueError(f"hook on {self.name} returned {type(out).__name__} {getattr(out, 'shape', '')}; "
+                                     f"return None or keys and values of shape {tuple(kv.shape[:-2])} + "
+                                     f"(keys >= {kv.shape[-2]}, {kv.shape[-1]})")
+                if out.dtype != kv.dtype or out.device != kv.device:
+                    raise TypeError(f"hook on {self.name} returned a {out.dtype} tensor on {out.device}; return one "
+                                    f"of {kv.dtype} on {kv.device}, e.g. out.to(kv)")
+                kv = out
+        return kv
+
+    forward = __call__
 
 
 Selector = Union[str, Callable[[str], bool]]
@@ -167,6 +209,9 @@ class HookedModule(nn.Module):
     def step_context(self, ctx: Optional[StepContext]):
         """`with model.step_context(StepContext(...)):` what hooks see as `hook.ctx` inside; the
         previous context comes back on exit, even when the body raises."""
+        if ctx is not None:  # filled here, at every entry, so a reused context never carries a stale step
+            device = next(self.parameters()).device
+            ctx.step_t = torch.full((), ctx.step, dtype=torch.long, device=device)
         prev, self.ctx = self.ctx, ctx
         try:
             yield ctx
@@ -230,12 +275,13 @@ class HookedModule(nn.Module):
             for h in handles:
                 h.remove()
 
-    def run_with_cache(self, *args, names: Selector = lambda n: not n.endswith("hook_probs"), **kwargs):
+    def run_with_cache(self, *args, names: Selector = lambda n: not n.endswith(("hook_probs", "hook_kv")), **kwargs):
         """One forward pass; returns (output, {name: value}) for the chosen hook points.
 
         By default it records every point except the attention probabilities (`hook_probs`):
         those are [batch, heads, queries, keys], gigabytes at 512x512, and hooking them switches
-        attention to the explicit path. Pass `names` to record them."""
+        attention to the explicit path; nor `hook_kv`, a stacked copy of `hook_k` and `hook_v`.
+        Pass `names` to record them."""
         with self.record(names) as store:
             out = self(*args, **kwargs)
         return out, {k: v[-1] for k, v in store.items()}

@@ -5,16 +5,17 @@ that run one batch from the same noise (Prompt-to-Prompt, MasaCtrl).
 - `batch_denoiser`: one UNet call per step over the rows  uncond(prompts) | cond(prompts), with
   `StepContext.rows` naming them: "uncond" and "cond" list the rows prompt by prompt (so uncond[i]
   and cond[i] are prompt i's two halves), "source" and "target" are the conditional rows of the
-  source (prompt 0) and of the targets. An inversion's per-step unconditional embeddings
+  source (prompt 0) and of the targets, "uncond_source" and "uncond_target" their unconditional
+  rows (MasaCtrl edits both halves; P2P the conditional one). An inversion's per-step unconditional embeddings
   (null-text, negative-prompt) replace "" on the unconditional rows;
 - `follow_inversion`: direct inversion (Ju et al. 2024) puts the source row back onto the
   inversion's trajectory after every step.
 """
-import math
 from typing import Optional
 
 import torch
 
+from ..checks import number
 from ..hooks import StepContext
 from ..pipeline import uses_guidance
 from ..schedulers import classifier_free_guidance
@@ -42,19 +43,8 @@ def start_noise(sd, n, *, steps, seed=None, latents=None, inversion: Optional[In
     return x.to(sd.device, sd.latent_dtype)
 
 
-def step_table(sd, values: torch.Tensor) -> torch.Tensor:
-    """A per-step table (one row per sampling step on dim 0) for hooks to read with `ctx.at_step`: on
-    the model's device, moved once per run, and padded with zero rows to the scheduler's 1000
-    timesteps (steps never exceed them). A compiled graph is specialised on the table's shape, so
-    padding lets an edit of any step count reuse the graphs of another."""
-    rows = sd.scheduler.num_train_timesteps + 1  # P2P's cross schedule has steps + 1 rows
-    pad = values.new_zeros((rows - values.shape[0],) + tuple(values.shape[1:]))
-    return torch.cat([values, pad]).to(sd.device)
-
-
 def check_guidance(guidance_scale):
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, not {guidance_scale!r}")
+    number("guidance_scale", guidance_scale)
 
 
 def batch_denoiser(sd, prompts, steps, guidance_scale, inversion: Optional[Inversion] = None, low_memory=False,
@@ -83,13 +73,13 @@ def batch_denoiser(sd, prompts, steps, guidance_scale, inversion: Optional[Inver
                 return sd.unet(xt, t, cond)
         u = uncond_at(step)
         if low_memory:  # two passes of n rows instead of one of 2n
-            with ctx({"uncond": list(range(n))}):
+            with ctx({"uncond": list(range(n)), "uncond_source": [0], "uncond_target": tgt}):
                 eu = sd.unet(xt, t, u)
             with ctx(edit_rows):
                 ec = sd.unet(xt, t, cond)
         else:
             with ctx({"uncond": list(range(n)), "cond": list(range(n, 2 * n)), "source": [n],
-                      "target": [n + i for i in tgt]}):
+                      "target": [n + i for i in tgt], "uncond_source": [0], "uncond_target": tgt}):
                 eu, ec = sd.unet(torch.cat([xt, xt]), t, torch.cat([u, cond])).chunk(2)
         return classifier_free_guidance(eu, ec, guidance_scale)
 

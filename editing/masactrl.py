@@ -58,16 +58,16 @@ Compiled (`sd.compile()`), plain MasaCtrl keeps one graph: `swap` reads the step
 compiled they make a graph per step until torch's recompile limit and then run eagerly: the images
 stay right, only not faster.
 """
-import math
-import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..checks import fraction, whole
 from ..schedulers import sample
-from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise, step_table
+from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
+from .patch import Patch, apply, select
 from .inversion import Inversion
 from .visualize import SavesImages
 from .words import word_positions
@@ -112,12 +112,6 @@ def sdxl_start_layers(sd):
     return [starts[j] for j in SDXL_TRANSFORMERS]
 
 
-def _int(name, value, lo, hi, what=""):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be a whole number from {lo} to {hi}{what}, got {value!r}")
-    return int(value)
-
-
 @dataclass
 class MasaCtrlResult(SavesImages):
     """`.pil()`: [source, edit] as PIL; `.save(folder)`: source.png, edit.png (all or none)."""
@@ -142,12 +136,12 @@ class MasaCtrl:
         for name, p in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
             if not isinstance(p, str):
                 raise TypeError(f"{name} must be a string, not {type(p).__name__}")
-        self.steps = _int("steps", steps, 1, sd.scheduler.num_train_timesteps - sd.scheduler.steps_offset)
-        self.start_step = _int("start_step", start_step, 0, steps, f" ({steps}: no step edited)")
+        self.steps = whole("steps", steps, 1, sd.scheduler.num_train_timesteps - sd.scheduler.steps_offset)
+        self.start_step = whole("start_step", start_step, 0, steps, f" ({steps}: no step edited)")
         self.layers = self_attention_layers(sd)
         n = len(self.layers)
         start_layer = default_start_layer(sd) if start_layer is None else start_layer
-        self.start_layer = _int("start_layer", start_layer, 0, n,
+        self.start_layer = whole("start_layer", start_layer, 0, n,
                                 f" (this UNet has {n} self-attention layers; {n}: no layer edited)")
         self.sd, self.source, self.target = sd, source_prompt, target_prompt
         self.tokens = None
@@ -161,126 +155,33 @@ class MasaCtrl:
                                word_positions(sd.tokenizer, target_prompt, words[1], length))
             except ValueError as e:
                 raise ValueError(f"mask_word: {e}; give a word of both prompts or a (source word, target word) pair") from None
-        if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, numbers.Real) or not 0 <= mask_threshold <= 1:
-            raise ValueError(f"mask_threshold must be a number in [0, 1], got {mask_threshold!r}")
-        self.threshold = float(mask_threshold)
-        self.maps, self.maps_step, self.last_masks = [], None, None
+        self.threshold = fraction("mask_threshold", mask_threshold)
 
-    # ---- the hooks ----
-    @staticmethod
-    def pairs(rows):
-        """[(source rows, target rows)] as slices, for each half present: "uncond" and "cond" list the rows
-        prompt by prompt (editing/batch.py), so the source's index in "cond" finds it in "uncond" too."""
-        cond = rows["cond"]
-        i_src, i_tgt = cond.index(rows["source"][0]), [cond.index(r) for r in rows["target"]]
-        out = []
-        for g in (rows.get("uncond"), cond):
-            if g:
-                ts = [g[i] for i in i_tgt]
-                if ts != list(range(ts[0], ts[0] + len(ts))):
-                    raise ValueError(f"MasaCtrl's target rows {ts} are not consecutive")
-                out.append((slice(g[i_src], g[i_src] + 1), slice(ts[0], ts[0] + len(ts))))
-        return out
+    # ---- the edit ----
+    PAIRS = (("uncond_source", "uncond_target"), ("source", "target"))  # each half: the target takes its source's
 
-    def active(self, ctx):
-        return ctx is not None and ctx.step >= self.start_step and bool(ctx.rows.get("target"))
+    def patches(self) -> List[Patch]:
+        """Mutual self-attention as data: from `start_step` on, at the k and v of the self-attention
+        layers from `start_layer` on, the target rows take their source row's, in both halves."""
+        edited = torch.arange(self.steps) >= self.start_step
+        at = {"kind": "self_attention", "point": {"k", "v"}, "module": set(self.layers[self.start_layer:])}
+        if not at["module"]:  # start_layer = the layer count: nothing edited
+            return []
+        return [Patch(at=at, weight=edited, op="copy", read=src, write=tgt) for src, tgt in self.PAIRS]
 
-    def swap(self, x, hook):
-        """k or v [b, heads, n, d]: the target rows take their source row's from `start_step` on.
-        The step is read as a tensor (`ctx.at_step`), so a compiled UNet keeps one graph."""
-        ctx = hook.ctx
-        if ctx is None or not ctx.rows.get("target") or ctx.eager_skip(self.edited_steps):
-            return None
-        on = ctx.at_step(self.on)
-        out = x.clone()
-        for s, ts in self.pairs(ctx.rows):
-            out[ts] = torch.where(on, x[s], x[ts])
-        return out
-
-    def keep_cross(self, probs, hook):
-        """Cross-attention probs [b, heads, q, 77] of maps with 16 x 16 queries: mean over heads,
-        kept for the current UNet call (official: per step, one call per step)."""
-        ctx = hook.ctx
-        if ctx is None or probs.shape[-2] != MASK_SIZE * MASK_SIZE or "cond" not in ctx.rows:
-            return None
-        if self.maps_step != ctx.step:
-            self.maps, self.maps_step = [], ctx.step
-        self.maps.append(probs.float().mean(1))
-        return None
-
-    def word_maps(self, rows):
-        """[2, 16, 16]: the source's map of its word and the target's of its word, each min-max normalised."""
-        m = torch.stack(self.maps).mean(0).reshape(-1, MASK_SIZE, MASK_SIZE, self.maps[0].shape[-1])
-        src, tgt = rows["source"][0], rows["target"][0]
-        out = torch.stack([m[src][..., self.token_ids[0]].sum(-1), m[tgt][..., self.token_ids[1]].sum(-1)])
-        lo, hi = out.flatten(1).min(1).values, out.flatten(1).max(1).values
-        return (out - lo[:, None, None]) / (hi - lo)[:, None, None]
-
-    def masked(self, probs, hook, q_store):
-        """At an edited layer's hook_probs: the target rows' foreground / background mix."""
-        ctx = hook.ctx
-        if not self.active(ctx) or self.maps_step != ctx.step or not self.maps:
-            return None  # official: no 16x16 cross-attention map yet in this step -> plain mutual attention
-        q, k = q_store  # this layer's queries and (already swapped) keys
-        size = self.layer_size(hook, probs.shape[-2])
-        maps = self.word_maps(ctx.rows)
-        self.last_masks = maps
-        m = F.interpolate(maps[:, None], size=size).flatten(1) >= self.threshold  # [2, hw]
-        m_src, m_tgt = m[0], m[1].to(torch.float32)[:, None]  # keys; queries
-        out = probs.clone()
-        for s, ts in self.pairs(ctx.rows):
-            out[ts] = mix(q[ts].float(), k[ts].float(), m_src, m_tgt).to(probs.dtype)
-        return out
-
-    def layer_size(self, hook, n):
-        f = self.sd.unet.hook_info(hook.name).downscale
-        size = (math.ceil(self.hw[0] / f), math.ceil(self.hw[1] / f))
-        assert size[0] * size[1] == n, (size, n)
-        return size
-
-    def check_mask_size(self, image_size):
+    def check_mask_size(self, latent_hw, image_size):
         """Mask-guided needs a cross-attention map of 16 x 16 queries (the official masks are made from
         those only, masactrl.py:279; with none the official editor silently makes no mask, :295-298).
         SD at 512 has one; SDXL at 1024 has 64 x 64 and 32 x 32 maps only, at 512 a 16 x 16 one."""
         unet = self.sd.unet
-        downs = sorted({unet.hook_info(n).downscale for n in unet.hook_names(kind="cross_attention", point="probs")})
-        maps = [(math.ceil(self.hw[0] / d), math.ceil(self.hw[1] / d)) for d in downs]
+        infos = [unet.hook_info(n) for n in unet.hook_names(kind="cross_attention", point="probs")]
+        maps = sorted({i.map_size(latent_hw) for i in infos}, reverse=True)
         if (MASK_SIZE, MASK_SIZE) not in maps:
-            sides = " or ".join(str(MASK_SIZE * d * self.sd.latent_factor) for d in reversed(downs))
+            downs = sorted({i.downscale for i in infos}, reverse=True)
+            sides = " or ".join(str(MASK_SIZE * d * self.sd.latent_factor) for d in downs)
             raise ValueError(f"mask_word needs a cross-attention map of {MASK_SIZE}x{MASK_SIZE} queries (the official "
                              f"masks are made from those only), and a {image_size[0]}x{image_size[1]} image has "
                              f"{', '.join(f'{h}x{w}' for h, w in maps)}; use a square image of side {sides}")
-
-    @staticmethod
-    def keeping(store, point, fn):
-        def keep(x, hook):
-            out = fn(x, hook) if fn is not None else None
-            store[point] = x if out is None else out
-            return out
-        return keep
-
-    def hooks(self):
-        edited = torch.arange(self.steps) >= self.start_step  # swap's steps
-        self.edited_steps, self.on = edited.tolist(), step_table(self.sd, edited)
-        if self.tokens is not None:  # the word's token columns, as index tensors on the device once
-            self.token_ids = [torch.tensor(t, device=self.sd.device) for t in self.tokens]
-        names = {}
-        for point in ("q", "k", "v", "probs"):
-            for n in self.sd.unet.hook_names(kind="self_attention", point=point):
-                names.setdefault(self.sd.unet.hook_info(n).module, {})[point] = n
-        hooks = {}
-        for module in self.layers[self.start_layer:]:
-            at = names[module]
-            hooks[at["k"]] = hooks[at["v"]] = self.swap
-            if self.tokens is not None:  # keep q and the swapped k for the masked softmax at hook_probs
-                qk = {}
-                hooks[at["q"]] = self.keeping(qk, "q", None)
-                hooks[at["k"]] = self.keeping(qk, "k", self.swap)
-                hooks[at["probs"]] = lambda p, hook, qk=qk: self.masked(p, hook, (qk["q"], qk["k"]))
-        if self.tokens is not None:
-            for n in self.sd.unet.hook_names(kind="cross_attention", point="probs"):
-                hooks[n] = self.keep_cross
-        return hooks
 
     # ---- sampling ----
     @torch.no_grad()
@@ -298,15 +199,78 @@ class MasaCtrl:
         prompts = [self.source, self.target]
         x = start_noise(sd, 2, steps=self.steps, seed=seed, latents=latents, inversion=inversion, height=height,
                         width=width)
-        self.hw = tuple(x.shape[-2:])
+        hw = tuple(x.shape[-2:])
+        guide = None
         if self.tokens is not None:
-            self.check_mask_size(sd.image_size(x))
+            self.check_mask_size(hw, sd.image_size(x))
+            guide = MaskGuide(sd, self.tokens, self.threshold, self.start_step, hw)
         denoise = batch_denoiser(sd, prompts, self.steps, guidance_scale, inversion, size=sd.image_size(x))
-        self.maps, self.maps_step, self.last_masks = [], None, None
-        with sd.unet.hooks(self.hooks()):
+        # the mask-guided hooks come after the patches: they read the swapped keys
+        with apply(sd, self.patches()), sd.unet.hooks(guide.hooks(self.layers[self.start_layer:]) if guide else {}):
             x = sample(denoise, x, sd.scheduler, self.steps, progress=progress,
                        callback=lambda step, t, xt: follow_inversion(inversion, step, xt))
-        return MasaCtrlResult(sd.decode_latents(x), x, self.last_masks)
+        return MasaCtrlResult(sd.decode_latents(x), x, guide.last_masks if guide else None)
+
+
+class MaskGuide:
+    """Mask-guided MasaCtrl's hooks, made per run. Not data: the mask is made from the cross-attention
+    maps seen earlier in the same UNet call and restricts a softmax over the (swapped) keys, a
+    product of three hooks' values within one call (see the module's notes, masactrl.py:196-334)."""
+
+    def __init__(self, sd, tokens, threshold, start_step, latent_hw):
+        self.sd, self.threshold, self.start_step, self.latent_hw = sd, threshold, start_step, latent_hw
+        self.token_ids = [torch.tensor(t, device=sd.device) for t in tokens]  # on the device once
+        self.maps, self.maps_step, self.last_masks = [], None, None
+
+    def keep_cross(self, probs, hook):
+        """Cross-attention probs [b, heads, q, 77] of maps with 16 x 16 queries: mean over heads,
+        kept for the current UNet call (official: per step, one call per step)."""
+        ctx = hook.ctx
+        if ctx is None or hook.info.map_size(self.latent_hw) != (MASK_SIZE, MASK_SIZE) or "cond" not in ctx.rows:
+            return None
+        if self.maps_step != ctx.step:
+            self.maps, self.maps_step = [], ctx.step
+        self.maps.append(probs.float().mean(1))
+        return None
+
+    def word_maps(self, ctx):
+        """[2, 16, 16]: the source's map of its word and the target's of its word, each min-max normalised."""
+        m = torch.stack(self.maps).mean(0).reshape(-1, MASK_SIZE, MASK_SIZE, self.maps[0].shape[-1])
+        src, tgt = ctx.rows["source"][0], ctx.rows["target"][0]
+        out = torch.stack([m[src][..., self.token_ids[0]].sum(-1), m[tgt][..., self.token_ids[1]].sum(-1)])
+        lo, hi = out.flatten(1).min(1).values, out.flatten(1).max(1).values
+        return (out - lo[:, None, None]) / (hi - lo)[:, None, None]
+
+    def masked(self, probs, hook, qk):
+        """At an edited layer's hook_probs: the target rows' foreground / background mix."""
+        ctx = hook.ctx
+        if ctx is None or ctx.step < self.start_step or not ctx.rows.get("target") or self.maps_step != ctx.step \
+                or not self.maps:
+            return None  # official: no 16x16 cross-attention map yet in this step -> plain mutual attention
+        q, k = qk["q"], qk["k"]  # this layer's queries and (already swapped) keys
+        maps = self.last_masks = self.word_maps(ctx)
+        m = F.interpolate(maps[:, None], size=hook.info.map_size(self.latent_hw)).flatten(1) >= self.threshold
+        m_src, m_tgt = m[0], m[1].to(torch.float32)[:, None]  # keys; queries
+        out = probs.clone()
+        for _, tgt in MasaCtrl.PAIRS:
+            if ctx.rows.get(tgt):
+                ts = ctx.slice(tgt)
+                out[ts] = mix(q[ts].float(), k[ts].float(), m_src, m_tgt).to(probs.dtype)
+        return out
+
+    def hooks(self, modules):
+        """{name: fn}: keep each edited layer's q and k, mix at its probs; keep the 16 x 16 cross maps."""
+        unet, hooks = self.sd.unet, {}
+        for module in modules:
+            qk = {}
+            for point in ("q", "k"):
+                def keep(x, hook, qk=qk, point=point):
+                    qk[point] = x
+                hooks.update({n: keep for n in select(unet, {"module": module, "point": point})})
+            hooks.update({n: (lambda p, hook, qk=qk: self.masked(p, hook, qk))
+                          for n in select(unet, {"module": module, "point": "probs"})})
+        hooks.update({n: self.keep_cross for n in unet.hook_names(kind="cross_attention", point="probs")})
+        return hooks
 
 
 # For a demo panel on sdlens-tiny: a position edit with no colour word in the target (tests/test_masactrl.py

@@ -37,9 +37,11 @@ import torch.nn.functional as F
 
 import math
 
+from ..checks import whole
 from ..schedulers import sample
 from .attention_store import AttentionStore, Size, as_hw, default_map_size
-from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise, step_table
+from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
+from .patch import Patch, apply, blend
 from .inversion import Inversion
 from .visualize import SavesImages
 from .words import refine_mapper, replace_mapper, token_ids, word_positions
@@ -179,8 +181,7 @@ class PromptToPrompt:
             raise TypeError(f"targets must be a list of prompts (empty: reconstruct the source), not {targets!r}")
         if mode == "reweight" and not equalize:
             raise ValueError("mode 'reweight' needs word weights, e.g. equalize={'car': 2.0}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, not {steps!r}")
+        whole("steps", steps, 1, sd.scheduler.num_train_timesteps)
         tok, n = sd.tokenizer, sd.text_encoder.cfg.max_positions
         self.sd, self.source, self.targets, self.mode, self.steps = sd, source, list(targets), mode, steps
         self.mapper = self.map_alphas = self.swap = None
@@ -209,74 +210,41 @@ class PromptToPrompt:
             self.blend_w = blend.weights(tok, prompts, blend.words)
             self.sub_w = blend.weights(tok, prompts, blend.substruct_words) if blend.substruct_words else None
 
-    # ---- the hooks ----
-    # They run at every attention layer of every step, so they take no decision on data (`a.any()`
-    # would wait for the GPU) and copy nothing from the host: the per-run tables are moved to the
-    # model's device once (`on_device`), the step picks its row with `ctx.at_step`, and rows are
-    # sliced. A compiled UNet then makes one graph for every step. Blending with 0/1 weights gives
-    # exactly the replaced or the own maps, as the official `repl * alpha + own * (1 - alpha)`. Uncompiled,
-# a step that the schedule leaves alone returns at once (`ctx.eager_skip`: a Python decision, free).
-    def on_device(self):
-        """The tables the hooks read, on the model's device (moved once per run; per-step ones padded
-        by `step_table`, so that any step count reuses a compiled graph)."""
-        mv = lambda x: None if x is None else x.to(self.sd.device)
-        lo, hi = self.self_range
-        steps = torch.arange(self.steps)
-        self.tables = dict(mapper=mv(self.mapper), swap=mv(self.swap),
-                        cross=step_table(self.sd, self.cross[:, :, None, None, :]),
-                        map_alphas=None if self.map_alphas is None else mv(self.map_alphas)[:, None, None, :],
-                        eq=None if self.eq is None else mv(self.eq)[:, None, None, :],
-                        self_on=step_table(self.sd, (lo <= steps) & (steps < hi)))
-        self.active = dict(cross=[bool(a.any()) for a in self.cross], self=[lo <= i < hi for i in range(self.steps)])
-        return self.tables
+    # ---- the edit, as patches ----
+    # Cross-attention: a blend per step and per token (the official `repl * alpha + own * (1 - alpha)`,
+    # 0/1 weights give exactly one or the other), of a map remapped from the source's (refine's
+    # alignment, a word swap's mapper, re-weighting); past every word's range the target keeps its
+    # own maps (official: re-weighting too). Self-attention: a copy on the first steps, at the maps of
+    # at most `self_max_size`^2 queries.
+    def patches(self, latent_hw) -> List[Patch]:
+        """The edit for a latent of `latent_hw` (which fixes each layer's map size), as patches."""
+        sd = self.sd
+        mv = lambda x: None if x is None else x.to(sd.device)
+        mapper, swap = mv(self.mapper), mv(self.swap)
+        map_alphas = None if self.map_alphas is None else mv(self.map_alphas)[:, None, None, :]
+        eq = None if self.eq is None else mv(self.eq)[:, None, None, :]
 
-    def edit_cross(self, probs, hook):
-        ctx = hook.ctx
-        if ctx is None or not ctx.rows.get("target") or ctx.eager_skip(self.active["cross"]):
-            return None
-        d, dt = self.tables, probs.dtype
-        src, tgt = ctx.slice("source"), ctx.slice("target")
-        base, own = probs[src], probs[tgt]  # [1, h, q, k], [T, h, q, k]
-        if d["mapper"] is not None:  # refine (official: attn_base[:, :, mapper].permute(2, 0, 1, 3))
-            repl = base[0][..., d["mapper"]].permute(2, 0, 1, 3)
-            a_map = d["map_alphas"].to(dt)
-            repl = repl * a_map + own * (1 - a_map)
-        elif d["swap"] is not None:  # a swap of words with different token counts
-            repl = torch.einsum("hqw,twn->thqn", base[0], d["swap"].to(dt))
-        else:  # the token positions match one to one
-            repl = base.expand_as(own)
-        if d["eq"] is not None:
-            repl = repl * d["eq"].to(dt)
-        a = ctx.at_step(d["cross"]).to(dt)  # [T, 1, 1, k]: 1 where a token takes the source's map at this step
-        out = probs.clone()  # past every word's range a = 0: the target keeps its own maps (official: re-weighting too)
-        out[tgt] = repl * a + own * (1 - a)
-        return out
+        def cross(base, own, a):  # base [1, h, q, k] (the source), own [T, h, q, k]
+            dt = own.dtype
+            if mapper is not None:  # refine (official: attn_base[:, :, mapper].permute(2, 0, 1, 3))
+                repl = blend(base[0][..., mapper].permute(2, 0, 1, 3), own, map_alphas)
+            elif swap is not None:  # a swap of words with different token counts
+                repl = torch.einsum("hqw,twn->thqn", base[0], swap.to(dt))
+            else:  # the token positions match one to one
+                repl = base.expand_as(own)
+            return blend(repl if eq is None else repl * eq.to(dt), own, a)
 
-    def edit_self(self, probs, hook):
-        ctx = hook.ctx
-        if ctx is None or not ctx.rows.get("target") or ctx.eager_skip(self.active["self"]):
-            return None
-        src, tgt = ctx.slice("source"), ctx.slice("target")
-        out = probs.clone()
-        out[tgt] = torch.where(ctx.at_step(self.tables["self_on"]), probs[src], probs[tgt])
-        return out
-
-    def hooks(self, latent_hw):
-        """{hook name: fn}: every cross-attention map, and self-attention maps of at most
-        `self_max_size`^2 queries (official `replace_self_attention`: 16^2; RoyiRa's SDXL one:
-        attn_res^2, the maps of the deepest level)."""
-        sd, unet = self.sd, self.sd.unet
-        self.on_device()
         size = self.self_max_size
         if size is None:
             size = default_map_size(sd, (latent_hw[0] * sd.latent_factor, latent_hw[1] * sd.latent_factor))
         mh, mw = as_hw(size)
-        hooks = {n: self.edit_cross for n in unet.hook_names(kind="cross_attention", point="probs")}
-        for n in unet.hook_names(kind="self_attention", point="probs"):
-            f = unet.hook_info(n).downscale
-            if math.ceil(latent_hw[0] / f) * math.ceil(latent_hw[1] / f) <= mh * mw:
-                hooks[n] = self.edit_self
-        return hooks
+        lo, hi = self.self_range
+        steps = torch.arange(self.steps)
+        small_self = lambda i: (i.kind == "self_attention" and i.point == "probs"
+                                and math.prod(i.map_size(latent_hw)) <= mh * mw)
+        return [Patch(at=dict(kind="cross_attention", point="probs"), weight=self.cross[:, :, None, None, :],
+                      op=cross, read="source", write="target"),
+                Patch(at=small_self, weight=(lo <= steps) & (steps < hi), op="copy", read="source", write="target")]
 
     # ---- sampling ----
     @torch.no_grad()
@@ -331,6 +299,6 @@ class PromptToPrompt:
             return xt
 
         # The store is attached after the edit, so it records the edited maps (official semantics).
-        with sd.unet.hooks(self.hooks(hw)), sd.unet.hooks(store.hooks()):
+        with apply(sd, self.patches(hw)), sd.unet.hooks(store.hooks()):
             x = sample(denoise, x, sd.scheduler, steps, callback=callback, progress=progress)
         return EditResult(sd.decode_latents(x), x, store, last_mask[0] if last_mask else None)

@@ -35,15 +35,15 @@ the negative prompt; the LDM schedules for linear/exp); with all defaults, trans
 pnp-diffusers' defaults (999-step preprocess.py, 50-step pnp.py) to 1.8e-5.
 """
 import math
-import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
+from ..checks import fraction, number, whole
 from ..hooks import StepContext
 from ..schedulers import classifier_free_guidance, invert, sample, timesteps
-from .batch import step_table
+from .patch import Patch, apply, select
 from .visualize import SavesImages
 
 FEATURE_LAYERS = ("output_blocks.4.0",)
@@ -117,10 +117,9 @@ def schedule_timesteps(sd, n, name):
     """The sampling timesteps of an n-step schedule; ValueError naming `name` if n is not a usable count."""
     T = sd.scheduler.num_train_timesteps
     try:
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise ValueError
+        whole(name, n)
         return timesteps(sd.scheduler, n)  # checks the range
-    except ValueError:
+    except (TypeError, ValueError):
         raise ValueError(f"{name} must be a whole number of steps from 1 to {T - sd.scheduler.steps_offset}, "
                          f"got {n!r}") from None
 
@@ -153,11 +152,40 @@ def inversion_latents(sd, image, prompt="", steps=50, inversion_steps=None, prog
     return keep_sampling_latents(sd, zs, steps)
 
 
-def check_fraction(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
-    if not 0 <= value <= 1:  # also false for NaN
-        raise ValueError(f"{name} must be a number in [0, 1], got {value}")
+def check_layers(sd, feature_layers, attention_layers):
+    """Each feature layer must have a `hook_h` (a ResBlock), each attention layer a `hook_q` (attention)."""
+    for layers, point in ((feature_layers, "h"), (attention_layers, "q")):
+        for layer in layers:
+            if not select(sd.unet, {"module": layer, "point": point}):
+                raise ValueError(f"layer {layer!r} has no hook_{point} hook point; see sd.unet.hook_names()")
+
+
+def patches(steps, feature_injection, attention_injection, feature_layers, attention_layers) -> List[Patch]:
+    """The injections as patches: the translated rows take the source row's `hook_h` at the feature
+    layers for the first int(steps f) steps, and its self-attention q and k at the attention layers
+    for the first int(steps a) (pnp-diffusers pnp.py: `int(n_timesteps * pnp_f_t)`)."""
+    step_ids = torch.arange(steps)
+    return [Patch(at={"module": set(feature_layers), "point": "h"}, weight=step_ids < int(steps * feature_injection),
+                  read="source", write="translated"),
+            Patch(at={"module": set(attention_layers), "point": {"q", "k"}},
+                  weight=step_ids < int(steps * attention_injection), read="source", write="translated")]
+
+
+def pnp_denoiser(sd, zs, context, neg, alpha_schedule, alpha, guidance_scale, steps):
+    """One UNet call per step over source | uncond | [negative] | cond (the source row at the guidance
+    image's latent of this step's noise level, the others at x), then guidance."""
+    n = context.shape[0] - 1  # rows after the source
+    rows = {"source": [0], "uncond": [1], "cond": [n], "translated": list(range(1, 1 + n)),
+            **({"negative": [2]} if neg else {})}
+
+    def denoise(x, t, step):
+        with sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows)):
+            out = sd.unet(torch.cat([zs[steps - step], x.expand(n, -1, -1, -1)]), t, context)
+        eps_u, eps_c = out[1:2], out[-1:]
+        if neg:
+            eps_u = negative_uncond(eps_u, out[2:3], negative_alpha(alpha_schedule, alpha, step, steps))
+        return classifier_free_guidance(eps_u, eps_c, guidance_scale)
+    return denoise
 
 
 @torch.no_grad()
@@ -183,7 +211,8 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     `progress`: tqdm bars on stderr for the inversion and the sampling."""
     for name, value in (("alpha", alpha), ("feature_injection", feature_injection),
                         ("attention_injection", attention_injection)):
-        check_fraction(name, value)
+        fraction(name, value)
+    number("guidance_scale", guidance_scale)
     if alpha_schedule not in SCHEDULES:
         raise ValueError(f"alpha_schedule {alpha_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
     schedule_timesteps(sd, steps, "steps")
@@ -193,51 +222,18 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
         check_inversion_steps(sd, steps, len(latents) - 1, f"the guidance latents' step count")
     attention_layers = decoder_self_attention(sd) if attention_layers is None else attention_layers
     feature_layers = default_feature_layers(sd) if feature_layers is None else feature_layers
-    names = set(sd.unet.hook_names())
-    for layer in list(feature_layers) + list(attention_layers):
-        point = "hook_h" if layer in feature_layers else "hook_q"
-        if f"{layer}.{point}" not in names:
-            raise ValueError(f"layer {layer!r} has no {point} hook point; see sd.unet.hook_names()")
+    check_layers(sd, feature_layers, attention_layers)
     if latents is None:
         zs = inversion_latents(sd, image, inversion_prompt, steps, inversion_steps, progress)
     else:
         zs = keep_sampling_latents(sd, latents, steps)
     size = sd.image_size(zs[0])
-    texts = [""] + ([negative_prompt] if negative_prompt is not None else []) + [prompt]
+    texts = ([negative_prompt] if negative_prompt is not None else []) + [prompt]
     # the unconditional row is the model's empty prompt: "" on SD, zeros on SDXL (force_zeros_for_empty_prompt)
-    ctx = torch.cat([sd.encode_prompt([source_prompt], size), sd.encode_negative(None, 1, size),
-                     sd.encode_prompt(texts[1:], size)])
-    neg = negative_prompt is not None
-    rows = {"source": [0], "uncond": [1], "cond": [len(texts)], **({"negative": [2]} if neg else {})}
-    # Every row after the source is translated; which steps inject is a table on the device, read with
-    # ctx.at_step, so the hooks neither branch on the step nor copy anything from the host.
-    translated = slice(1, 1 + len(texts))
-    step_ids = torch.arange(steps)
-    f_on, a_on = step_ids < int(steps * feature_injection), step_ids < int(steps * attention_injection)
-
-    def inject(on):
-        active, on = on.tolist(), step_table(sd, on)
-
-        def fn(x, hook):
-            if hook.ctx is None or "source" not in hook.ctx.rows or hook.ctx.eager_skip(active):
-                return None
-            out = x.clone()
-            out[translated] = torch.where(hook.ctx.at_step(on), x[hook.ctx.slice("source")], x[translated])
-            return out
-        return fn
-
-    hooks = {f"{l}.hook_h": inject(f_on) for l in feature_layers}
-    hooks.update({f"{l}.{h}": inject(a_on) for l in attention_layers for h in ("hook_q", "hook_k")})
-
-    def denoise(x, t, step):
-        src = zs[steps - step]  # the guidance image's latent at this step's noise level
-        with sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows)):
-            out = sd.unet(torch.cat([src, x.expand(len(texts), -1, -1, -1)]), t, ctx)
-        eps_u, eps_c = out[1:2], out[-1:]
-        if neg:
-            eps_u = negative_uncond(eps_u, out[2:3], negative_alpha(alpha_schedule, alpha, step, steps))
-        return classifier_free_guidance(eps_u, eps_c, guidance_scale)
-
-    with sd.unet.hooks(hooks), sd.unet.hooks(observe or {}):
+    context = torch.cat([sd.encode_prompt([source_prompt], size), sd.encode_negative(None, 1, size),
+                         sd.encode_prompt(texts, size)])
+    denoise = pnp_denoiser(sd, zs, context, negative_prompt is not None, alpha_schedule, alpha, guidance_scale, steps)
+    with apply(sd, patches(steps, feature_injection, attention_injection, feature_layers, attention_layers)), \
+            sd.unet.hooks(observe or {}):
         x = sample(denoise, zs[-1], sd.scheduler, steps, progress=progress)
     return PnPResult(sd.decode_latents(x), x, zs)

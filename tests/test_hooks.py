@@ -134,13 +134,15 @@ def test_hook_info_matches_the_tensors(unet):
     x, ctx = torch.randn(1, 4, 16, 24), torch.randn(1, 77, 64)
     _, cache = unet.run_with_cache(x, 301, ctx, names=lambda n: True)
     assert set(cache) == set(unet.hook_names())
-    types = {"resblock": ResBlock, "transformer": SpatialTransformer, "block": Block,
+    types = {"resblock": ResBlock, "transformer": SpatialTransformer, "block": Block, "skip": Block, "backbone": Block,
              "self_attention": Attention, "cross_attention": Attention, "transformer_block": BasicTransformerBlock}
     for name, v in cache.items():
         info = unet.hook_info(name)
         h, w = -(-16 // info.downscale), -(-24 // info.downscale)
+        assert info.map_size((16, 24)) == (h, w)
         if info.kind in ("self_attention", "cross_attention"):
-            tokens = v.shape[1] if info.point == "out" else v.shape[2]  # [B, n, C] or [B, heads, n, ...]
+            # [B, n, C], [B, heads, n, ...] or, for kv, [2, B, heads, n, d]
+            tokens = v.shape[1] if info.point == "out" else v.shape[3] if info.point == "kv" else v.shape[2]
             if info.point in ("q", "probs", "out") or info.kind == "self_attention":
                 assert tokens == h * w, name
             assert unet.get_submodule(info.module).is_cross == (info.kind == "cross_attention")

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import sdlens
 from sdlens.__main__ import main
 from sdlens.editing import PromptToPrompt, invert_image
-from sdlens.editing.masactrl import MasaCtrl, default_start_layer, self_attention_layers
+from sdlens.editing.masactrl import MaskGuide, MasaCtrl, default_start_layer, self_attention_layers
+from sdlens.editing.patch import apply
 from sdlens.hooks import StepContext
 from sdlens.pipeline import to_pil
 
@@ -93,9 +94,9 @@ def test_mutual_attention_is_target_queries_on_source_keys_values(tiny):
     pick = lambda p: next(n for n in pts[p] if tiny.unet.hook_info(n).module == layer)
     ctx = torch.cat([tiny.encode_prompt(["", ""]), tiny.encode_prompt([SRC, TGT])])
     x = noise().expand(4, -1, -1, -1)
-    rows = {"uncond": [0, 1], "cond": [2, 3], "source": [2], "target": [3]}
+    rows = {"uncond": [0, 1], "cond": [2, 3], "source": [2], "target": [3], "uncond_source": [0], "uncond_target": [1]}
     with tiny.unet.record(lambda n: n in [pick(p) for p in ("q", "k", "v")]) as seen:  # before the swap
-        with tiny.unet.hooks(editor.hooks()), tiny.unet.step_context(StepContext(3, 500, STEPS, rows)):
+        with apply(tiny, editor.patches()), tiny.unet.step_context(StepContext(3, 500, STEPS, rows)):
             with tiny.unet.record(pick("out")) as got:
                 tiny.unet(x, 500, ctx)
     q, k, v = (seen[pick(p)][0] for p in ("q", "k", "v"))
@@ -129,7 +130,7 @@ def test_mask_guided_attention_is_the_official_formula(tiny):
     (recorded here independently) give the source's and the target's word masks, and the target's
     output at each edited layer is the official fg/bg mix; checked at a 16x16 and an 8x8 layer."""
     editor = MasaCtrl(tiny, SRC, TGT, steps=STEPS, start_step=0, mask_word=("circle", "star"))
-    editor.hw = (16, 16)
+    guide = MaskGuide(tiny, editor.tokens, editor.threshold, editor.start_step, (16, 16))
     src_tok, tgt_tok = editor.tokens
     layers = self_attention_layers(tiny)
     cross = tiny.unet.hook_names(kind="cross_attention", point="probs")
@@ -141,10 +142,11 @@ def test_mask_guided_attention_is_the_official_formula(tiny):
         if p.shape[-2] == 256:
             maps.append(p.mean(1))
     ctx = torch.cat([tiny.encode_prompt(["", ""]), tiny.encode_prompt([SRC, TGT])])
-    rows = {"uncond": [0, 1], "cond": [2, 3], "source": [2], "target": [3]}
+    rows = {"uncond": [0, 1], "cond": [2, 3], "source": [2], "target": [3], "uncond_source": [0], "uncond_target": [1]}
     snap = {}
     with tiny.unet.record(lambda n: n in list(pts["q"].values()) + list(pts["k"].values()) + list(pts["v"].values())) as seen:
-        with tiny.unet.hooks(editor.hooks()), tiny.unet.step_context(StepContext(3, 500, STEPS, rows)):
+        with apply(tiny, editor.patches()), tiny.unet.hooks(guide.hooks(layers[editor.start_layer:])), \
+                tiny.unet.step_context(StepContext(3, 500, STEPS, rows)):
             obs = {n: keep_cross for n in cross}
             obs.update({pts["out"][m]: (lambda o, hook, m=m: snap.__setitem__(m, (o, len(maps)))) for m in layers})
             with tiny.unet.hooks(obs):

@@ -4,6 +4,7 @@ import torch
 
 import sdlens
 from sdlens.editing import LocalBlend, PromptToPrompt
+from sdlens.editing.patch import Patch
 from sdlens.editing.words import global_align, refine_mapper, replace_mapper, word_positions
 from sdlens.weights.load import TOKENIZER_DIR, _tokenizer
 
@@ -37,20 +38,18 @@ def test_equalizer_scales_exactly_the_chosen_column(sd):
     name = "output_blocks.4.1.transformer_blocks.0.attn2.hook_probs"
     seen = []
 
-    class Spy(PromptToPrompt):  # sees what the editor's hook returns at one layer
-        def hooks(self, hw):
-            hooks = super().hooks(hw)
-            edit = hooks[name]
-            hooks[name] = lambda p, h: seen.append((h.ctx.rows, edit(p, h))) or seen[-1][1]
-            return hooks
+    class Spy(PromptToPrompt):  # a last patch on one layer sees what the editor's patches made there
+        def patches(self, hw):
+            look = lambda src, dst, w: seen.append((src, dst)) or dst
+            return super().patches(hw) + [Patch(at={"name": name}, op=look, read="source", write="target")]
 
     Spy(sd, "a cat riding a bicycle", ["a cat riding a bicycle"], mode="reweight", cross_replace_steps=1.0,
         equalize={"bicycle": 3.0, "cat": -0.5}, steps=4).run(**KW)
     assert len(seen) == 4
     cat = word_positions(sd.tokenizer, "a cat riding a bicycle", "cat")[0]
     bike = word_positions(sd.tokenizer, "a cat riding a bicycle", "bicycle")[0]
-    for rows, p in seen:
-        src, tgt = p[rows["source"][0]], p[rows["target"][0]]
+    for src, tgt in seen:
+        src, tgt = src[0], tgt[0]
         expect = src.clone()
         expect[..., bike] *= 3.0
         expect[..., cat] *= -0.5

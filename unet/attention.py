@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..hooks import HookPoint
+from ..hooks import HookPoint, KeyValuePoint
 
 
 class Attention(nn.Module):
@@ -33,6 +33,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_kv = KeyValuePoint()  # the one place a hook may add keys and values (StyleAligned)
         self.hook_probs, self.hook_out = HookPoint(), HookPoint()
 
     def forward(self, x, context=None):
@@ -41,6 +42,8 @@ class Attention(nn.Module):
         q = self.hook_q(split(self.to_q(x)))
         k = self.hook_k(split(self.to_k(context)))
         v = self.hook_v(split(self.to_v(context)))
+        if self.hook_kv.fns:
+            k, v = self.hook_kv(torch.stack([k, v])).unbind(0)
         dtype = v.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()

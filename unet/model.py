@@ -115,6 +115,8 @@ class Block(nn.Module):
         self.place, self.index, self.level = place, index, level
         self.out_level = level + any(isinstance(m, Downsample) for m in layers) - any(isinstance(m, Upsample) for m in layers)
         self.hook_out = HookPoint()
+        if place == "up":  # what the block concatenates: the decoder's features and the encoder's skip
+            self.hook_backbone, self.hook_skip = HookPoint(), HookPoint()
 
     def forward(self, x, emb, context, size=None):
         for layer in self.layers:
@@ -147,12 +149,14 @@ def locate_hooks(model) -> dict:
                 continue
             if isinstance(module, Attention):
                 kind = "cross_attention" if module.is_cross else "self_attention"
+            elif isinstance(module, Block) and child_name in ("hook_backbone", "hook_skip"):
+                kind = child_name[len("hook_"):]
             else:
                 kind = KINDS.get(type(module), "model")
             if block is None:
                 place, index, level = "", -1, 0
             else:
-                level = block.out_level if module is block else block.level
+                level = block.out_level if module is block and child_name == "hook_out" else block.level
                 place, index = block.place, block.index
             infos[name] = HookInfo(name=name, module=path, point=child_name[len("hook_"):], kind=kind,
                                    place=place, block=index, level=level, transformer_block=sub)
@@ -233,8 +237,6 @@ class UNetModel(HookedModule):
             t = t.to(x.device).reshape(-1).expand(x.shape[0])
         else:  # a fill kernel: torch.tensor(t, device=...) would copy from the host and wait for the GPU
             t = torch.full((x.shape[0],), t, device=x.device)
-        if self.ctx is not None:  # refilled at every call, so a reused context never carries a stale step
-            self.ctx.step_t = torch.full((), self.ctx.step, dtype=torch.long, device=x.device)
         return self.core(x, t, context) if self._compiled is None else self._compiled(self, x, t, context)
 
     _compiled = None
@@ -271,7 +273,7 @@ class UNetModel(HookedModule):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            h = torch.cat([block.hook_backbone(h), block.hook_skip(skips.pop())], dim=1)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
         return self.hook_out(self.out(h)).to(torch.promote_types(dtype, torch.float32))
 
