@@ -134,7 +134,7 @@ def cmd_p2p(args):
         raise ValueError("--mode reweight needs word weights, e.g. --equalize car=2")
     preflight(args, P2P_FILES, [("--image", args.image)] if args.image else [])
     from .editing import LocalBlend, PromptToPrompt, invert_image, load_image
-    from .editing.visualize import cross_attention_grid, self_attention_components, token_labels
+    from .visualize import cross_attention_grid, self_attention_components, token_labels
     from .pipeline import to_pil
     sd = load_model(args)
     blend = LocalBlend([[args.blend[0]], [args.blend[1]]]) if args.blend else None

@@ -7,11 +7,12 @@ import math
 import numbers
 
 
-def whole(name, value, lo=None, hi=None, hint=""):
-    """An integer in [lo, hi] (either bound may be None) -> int; else ValueError, whatever was given (a
-    count given as 2.0, "2" or True is a wrong value of the right argument)."""
+def whole(name, value, lo=None, hi=None, hint="", not_int=ValueError):
+    """An integer in [lo, hi] (either bound may be None) -> int; else ValueError. A value that is not an
+    integer at all raises `not_int`: ValueError by default (a count given as 2.0, "2" or True is a wrong
+    value of the right argument); TypeError where an API has always said so."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a whole number{_range(lo, hi)}{hint}, not {value!r}")
+        raise not_int(f"{name} must be a whole number{_range(lo, hi)}{hint}, not {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be a whole number{_range(lo, hi)}{hint}, got {value!r}")
     return int(value)

@@ -15,6 +15,7 @@ from .hooks import StepContext
 from .schedulers import DDIMConfig, classifier_free_guidance, sample, sample_euler_ancestral
 from .schedulers.ddim import check_eta
 from .unet.model import pack_added_cond
+from .checks import whole
 
 SAMPLERS = ("ddim", "euler_ancestral")
 
@@ -53,7 +54,7 @@ class StableDiffusion:
         return {768: "SD 1.x", 1024: "SD 2.x"}.get(self.unet.cfg.context_dim, "SD architecture, custom widths")
 
     def __repr__(self):
-        ctx = self.unet.cfg.context_dim
+        dim = self.unet.cfg.context_dim
         s, f, c = self.default_size, self.latent_factor, self.unet.cfg.in_channels
         millions = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
         text = millions(self.text_encoder) + (f" + {millions(self.text_encoder_2)}" if self.is_sdxl else "")
@@ -61,7 +62,7 @@ class StableDiffusion:
         return (f"StableDiffusion({self.family}:{name} {s}x{s} images, latents [B, {c}, {s // f}, {s // f}] "
                 f"(VAE factor {f}), {self.dtype} on {self.device} (VAE float32), {self.scheduler.prediction_type} "
                 f"prediction, {len(self.unet.hook_names())} hook points; UNet {millions(self.unet)}, "
-                f"text encoder {text} (context {ctx}), VAE {millions(self.vae)} parameters)")
+                f"text encoder {text} (context {dim}), VAE {millions(self.vae)} parameters)")
 
     def compile(self, **kwargs):
         """Compile the UNet, where nearly all the time goes, with `torch.compile(**kwargs)`; returns self.
@@ -207,7 +208,8 @@ class StableDiffusion:
     # ---- generation ----
     @torch.no_grad()
     def generate(self, prompt, *, negative_prompt=None, steps=None, guidance_scale=None, eta=0.0, seed=None,
-                 latents=None, height=None, width=None, output="pil", progress=True, sampler="ddim"):
+                 latents=None, height=None, width=None, output="pil", progress=True, sampler="ddim",
+                 denoiser=None, prepare=None):
         """Text to images with DDIM (or Euler ancestral) and classifier-free guidance.
 
         prompt: a string or a list of B strings. negative_prompt: None ("", or zeros on SDXL), a
@@ -220,7 +222,11 @@ class StableDiffusion:
         instead, [B, 4, height/f, width/f] with f = `latent_factor` (8 for SD, 4 for sdlens-tiny:
         [B, 4, 16, 16] at its 64x64). height, width: multiples of 8, default `default_size`; far from
         it a warning says so. output: "pil" (a list of B PIL images) or "tensor" ([B,3,H,W] in [0,1],
-        on the CPU). progress: a tqdm bar on stderr."""
+        on the CPU). progress: a tqdm bar on stderr.
+        For methods built on generate (editing/pag.py, attend_excite.py): `denoiser(context,
+        guidance_scale, steps)` makes the `denoise(x, t, step)` in place of `self.denoiser` (context: the
+        unconditional rows then the conditional ones, or only those without guidance); `prepare(step, t,
+        x)` may replace x before each model call (DDIM only)."""
         prompts = _strings(prompt, "prompt")
         steps = self.defaults.get("steps", 50) if steps is None else steps
         guidance_scale = self.defaults.get("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
@@ -230,8 +236,7 @@ class StableDiffusion:
             raise ValueError(f"output must be 'pil' or 'tensor', not {output!r}")
         height, width = self.check_size(height, width)
         self.warn_size(height, width)
-        if not _is_int(steps) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, not {steps!r}")
+        whole("steps", steps, 1)
         for name, v in (("guidance_scale", guidance_scale), ("eta", eta)):
             if not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, not {v!r}")
@@ -252,9 +257,11 @@ class StableDiffusion:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         x = latents.to(self.device, self.latent_dtype)
-        denoise = self.denoiser(context, guidance_scale, steps)
+        denoise = (denoiser or self.denoiser)(context, guidance_scale, steps)
         if sampler == "ddim":
-            x = sample(denoise, x, self.scheduler, steps, eta, generator, progress=progress)
+            x = sample(denoise, x, self.scheduler, steps, eta, generator, progress=progress, prepare=prepare)
+        elif prepare is not None:
+            raise ValueError(f"sampler {sampler!r} takes no prepare=; use sampler='ddim'")
         else:
             x = sample_euler_ancestral(denoise, x, self.scheduler, steps, generator, progress=progress)
         images = self.decode_latents(x)

@@ -232,7 +232,7 @@ class Bench:
                     mode="eager")
 
     def null_text(self):
-        from sdlens.editing.inversion import invert_image
+        from sdlens.inversion import invert_image
         run = lambda n: self.ours(lambda: invert_image(self.sd, self.image, SRC, "null-text", n, progress=False))
         # One timed run (it is the longest entry); the warm-up is a 2-step inversion. Eager: it runs backward.
         return dict(runs=timeit({"null_text": run(self.steps)}, 1, self.dev, warm={"null_text": run(2)}),

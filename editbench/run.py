@@ -65,7 +65,7 @@ def word_indices(prompt, word, exact):
 
 def latents(sd, image, prompt, steps, cache):
     """DDIM inversion at w = 1 with `prompt`, shared by every method of one item."""
-    from ..editing.inversion import ddim_latents
+    from ..inversion import ddim_latents
     if ("zs", prompt) not in cache:
         cache["zs", prompt] = ddim_latents(sd, image, prompt, steps)
     return cache["zs", prompt]
@@ -73,7 +73,7 @@ def latents(sd, image, prompt, steps, cache):
 
 def inversion(sd, image, prompt, method, steps, guidance, cache):
     """`invert_image`, with the DDIM latents and null-text embeddings cached across editors."""
-    from ..editing.inversion import Inversion, null_text
+    from ..inversion import Inversion, null_text
     zs = latents(sd, image, prompt, steps, cache)
     if method == "null-text":
         if ("null-text", prompt) not in cache:
@@ -120,7 +120,7 @@ def edit_pnp(sd, src, tgt, zs, inv_method, steps, guidance, faithful):
 
 
 def edit_masactrl(sd, tgt, image, inv_method, steps, guidance, cache):
-    from ..editing.inversion import Inversion
+    from ..inversion import Inversion
     from ..editing.masactrl import MasaCtrl  # lazily: written beside this module
     zs = latents(sd, image, "", steps, cache)
     inv = Inversion(zs, "", inv_method, direct=inv_method == "direct")

@@ -9,6 +9,7 @@ from typing import Dict
 
 import torch
 
+from ..checks import whole
 from .attention_store import AttentionStore, default_map_size
 from .words import word_tokens
 
@@ -61,8 +62,8 @@ def attention_maps(sd, prompt: str, seed=None, res=None, steps=50, guidance_scal
     On sdlens-tiny (16 x 16 latents) use res=8: its 16 x 16 layers attend almost uniformly."""
     if not isinstance(prompt, str) or not prompt.split():
         raise ValueError(f"prompt must be a non-empty string, not {prompt!r}")
-    if res is not None and (isinstance(res, bool) or not isinstance(res, int)):
-        raise TypeError(f"res must be an int (the side of the maps) or None, not {res!r}")
+    if res is not None:
+        whole("res", res, 1, hint=" (the side of the maps) or None", not_int=TypeError)
     word_columns(sd.tokenizer, prompt)  # a truncated prompt fails before sampling
     height, width = sd.check_size(height, width)
     hw = (height // sd.latent_factor, width // sd.latent_factor)

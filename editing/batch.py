@@ -19,7 +19,7 @@ from ..checks import number
 from ..hooks import StepContext
 from ..pipeline import uses_guidance
 from ..schedulers import classifier_free_guidance
-from .inversion import Inversion
+from ..inversion import Inversion
 
 
 def start_noise(sd, n, *, steps, seed=None, latents=None, inversion: Optional[Inversion] = None, height=None,
@@ -66,19 +66,19 @@ def batch_denoiser(sd, prompts, steps, guidance_scale, inversion: Optional[Inver
         return empty
 
     def denoise(xt, t, step):
-        ctx = lambda rows: sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows))
+        step_ctx = lambda rows: sd.unet.step_context(StepContext(step=step, t=int(t), num_steps=steps, rows=rows))
         edit_rows = {"cond": list(range(n)), "source": [0], "target": tgt}
         if not uses_guidance(guidance_scale):
-            with ctx(edit_rows):
+            with step_ctx(edit_rows):
                 return sd.unet(xt, t, cond)
         u = uncond_at(step)
         if low_memory:  # two passes of n rows instead of one of 2n
-            with ctx({"uncond": list(range(n)), "uncond_source": [0], "uncond_target": tgt}):
+            with step_ctx({"uncond": list(range(n)), "uncond_source": [0], "uncond_target": tgt}):
                 eu = sd.unet(xt, t, u)
-            with ctx(edit_rows):
+            with step_ctx(edit_rows):
                 ec = sd.unet(xt, t, cond)
         else:
-            with ctx({"uncond": list(range(n)), "cond": list(range(n, 2 * n)), "source": [n],
+            with step_ctx({"uncond": list(range(n)), "cond": list(range(n, 2 * n)), "source": [n],
                       "target": [n + i for i in tgt], "uncond_source": [0], "uncond_target": tgt}):
                 eu, ec = sd.unet(torch.cat([xt, xt]), t, torch.cat([u, cond])).chunk(2)
         return classifier_free_guidance(eu, ec, guidance_scale)

@@ -68,8 +68,8 @@ from ..checks import fraction, whole
 from ..schedulers import sample
 from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
 from .patch import Patch, apply, select
-from .inversion import Inversion
-from .visualize import SavesImages
+from ..inversion import Inversion
+from ..visualize import SavesImages
 from .words import word_positions
 
 MASK_SIZE = 16  # the official mask is made from maps with 16 x 16 queries (masactrl.py:279)

@@ -42,9 +42,9 @@ from ..schedulers import sample
 from .attention_store import AttentionStore, Size, as_hw, default_map_size
 from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
 from .patch import Patch, apply, blend
-from .inversion import Inversion
-from .visualize import SavesImages
-from .words import refine_mapper, replace_mapper, token_ids, word_positions
+from ..inversion import Inversion
+from ..visualize import SavesImages
+from .words import WordNotInPrompt, refine_mapper, replace_mapper, token_ids, word_positions
 
 MODES = ("replace", "refine", "reweight")
 Steps = Union[float, Tuple[float, float], Dict[str, Union[float, Tuple[float, float]]]]
@@ -87,9 +87,7 @@ def cross_alphas(tokenizer, targets, cross_steps: Steps, steps, length=77):
         for i, prompt in enumerate(targets):
             try:
                 pos = word_positions(tokenizer, prompt, word, length)
-            except ValueError as e:
-                if "past token" in str(e):
-                    raise
+            except WordNotInPrompt:  # a word of another target: fine, it must be in at least one
                 continue
             found += 1
             alphas[:, i, pos] = 0.0

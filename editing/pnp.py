@@ -40,13 +40,15 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..checks import fraction, number, whole
+from ..checks import fraction, number
+from ..features.layers import FEATURE_LAYERS, SDXL_FIRST_BLOCK, default_feature_layers  # noqa: F401 (re-exported)
 from ..hooks import StepContext
-from ..schedulers import classifier_free_guidance, invert, sample, timesteps
+from ..inversion import (INVERSION_STEPS, check_inversion_steps, inversion_latents,  # noqa: F401 (re-exported)
+                         keep_sampling_latents, schedule_timesteps)
+from ..schedulers import classifier_free_guidance, sample
+from ..visualize import SavesImages
 from .patch import Patch, apply, select
-from .visualize import SavesImages
 
-FEATURE_LAYERS = ("output_blocks.4.0",)
 # The official list for SD (pnp-diffusers: decoder layers 4-11). `decoder_self_attention` is the
 # default rule; on SD it gives exactly these (tests/test_pnp.py checks it).
 ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in range(4, 12))
@@ -54,9 +56,7 @@ ATTENTION_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i
 # 1/4 of the latent (16x16 at 512²); SDXL's at 1/4 (32x32 at 1024²) is its first decoder level, so the
 # feature is output_blocks.1.0 and the self-attention every decoder attn1 from block 1 on (blocks 1-5:
 # 10 + 10 + 2 + 2 + 2 = 26 layers), the same resolutions SD's 4-11 cover (1/4 and finer).
-SDXL_FIRST_BLOCK = 1
 SCHEDULES = ("constant", "linear", "exp")
-INVERSION_STEPS = 999  # both official codes (see above)
 
 
 def decoder_self_attention(sd, first=None):
@@ -65,14 +65,6 @@ def decoder_self_attention(sd, first=None):
     first = (SDXL_FIRST_BLOCK if sd.is_sdxl else 4) if first is None else first
     infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(place="up", kind="self_attention", point="q")]
     return [i.module for i in infos if i.block >= first]
-
-
-def default_feature_layers(sd):
-    """The ResBlock whose `hook_h` is injected: SD's decoder layer 4, or SDXL's analogue (our choice)."""
-    if not sd.is_sdxl:
-        return FEATURE_LAYERS
-    infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(place="up", kind="resblock", point="h")]
-    return tuple(i.module for i in infos if i.block == SDXL_FIRST_BLOCK)
 
 
 def negative_alpha(schedule: str, alpha: float, step: int, steps: int) -> float:
@@ -111,45 +103,6 @@ class PnPResult(SavesImages):
 
     def image_names(self, n):
         return ["pnp.png"] if n == 1 else [f"pnp_{i:02d}.png" for i in range(n)]
-
-
-def schedule_timesteps(sd, n, name):
-    """The sampling timesteps of an n-step schedule; ValueError naming `name` if n is not a usable count."""
-    T = sd.scheduler.num_train_timesteps
-    try:
-        whole(name, n)
-        return timesteps(sd.scheduler, n)  # checks the range
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number of steps from 1 to {T - sd.scheduler.steps_offset}, "
-                         f"got {n!r}") from None
-
-
-def check_inversion_steps(sd, steps, inversion_steps, name="inversion_steps"):
-    """The inversion must pass through every sampling timestep, so that its latents can be kept there."""
-    fine = schedule_timesteps(sd, inversion_steps, name)
-    if inversion_steps < steps:
-        raise ValueError(f"{name} ({inversion_steps}) must be at least steps ({steps})")
-    if not set(schedule_timesteps(sd, steps, "steps")) <= set(fine):
-        raise ValueError(f"{name} ({inversion_steps}) misses some of the {steps} sampling timesteps; "
-                         f"use {steps}, or 999 (every timestep)")
-
-
-def keep_sampling_latents(sd, zs, steps):
-    """[z_0, z_{t_1}, ..., z_{t_N'}] of an N'-step inversion -> the N + 1 latents at the N sampling timesteps."""
-    by_t = dict(zip(reversed(timesteps(sd.scheduler, len(zs) - 1)), zs[1:]))
-    return [zs[0]] + [by_t[t] for t in reversed(timesteps(sd.scheduler, steps))]
-
-
-def inversion_latents(sd, image, prompt="", steps=50, inversion_steps=None, progress=False):
-    """DDIM inversion with `prompt` (empty by default) at w = 1, in `inversion_steps` steps (default
-    `steps`); returns the steps + 1 latents at the sampling timesteps [z_0, z_{t_1}, ..., z_{t_N}]."""
-    inversion_steps = steps if inversion_steps is None else inversion_steps
-    check_inversion_steps(sd, steps, inversion_steps)
-    z0 = sd.encode_image(image).to(sd.latent_dtype)
-    with torch.no_grad():
-        den = sd.denoiser(sd.encode_prompt([prompt], sd.image_size(z0)), 1.0, inversion_steps)
-        zs = invert(den, z0, sd.scheduler, inversion_steps, progress=progress)
-    return keep_sampling_latents(sd, zs, steps)
 
 
 def check_layers(sd, feature_layers, attention_layers):

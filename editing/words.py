@@ -17,6 +17,10 @@ def word_tokens(tokenizer, prompt: str) -> List[List[int]]:
     return out
 
 
+class WordNotInPrompt(ValueError):
+    """A word is not in the prompt (a ValueError; its own class so callers can tell it from the others)."""
+
+
 def word_positions(tokenizer, prompt: str, word, length: int = 77) -> List[int]:
     """All token positions of `word` (or of a word index, given as an int) in `prompt`.
 
@@ -32,7 +36,7 @@ def word_positions(tokenizer, prompt: str, word, length: int = 77) -> List[int]:
     else:
         hits = [p for w, span in zip(words, spans) if w.strip(".,!?;:").lower() == str(word).lower() for p in span]
         if not hits:
-            raise ValueError(f"word {word!r} is not in the prompt {prompt!r}")
+            raise WordNotInPrompt(f"word {word!r} is not in the prompt {prompt!r}")
     if max(hits) >= length - 1:  # the last position is <|endoftext|> after truncation
         raise ValueError(f"word {word!r} is past token {length - 1} of {prompt!r}, where the text encoder "
                          "truncates the prompt; shorten the prompt")

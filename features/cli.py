@@ -104,13 +104,13 @@ def check_layer(sd, layer):
 def cmd_pca(args):
     inputs = [("--image", p) for p in args.image]
     preflight(args, (), inputs)
-    from ..editing import load_image
-    from ..editing.pnp import default_feature_layers, inversion_latents
+    from ..inversion import inversion_latents, load_image
+    from .layers import default_feature_layers
     from ..pipeline import to_pil
     from ..schedulers import timesteps
     from .pca import collect, pca_rgb, resolve_layers
     sd = load_model(args)
-    names = resolve_layers(sd, args.layers or [f"{m}.hook_out" for m in default_feature_layers(sd)])
+    names = resolve_layers(sd, args.layers or [n for m in default_feature_layers(sd) for n in sd.unet.hook_names(module=m, point="out")])
     outs = {n: [f"pca_{n.replace('.', '_')}_{i:02d}.png" for i in range(len(args.image))] for n in names}
     preflight(args, [f for fs in outs.values() for f in fs], inputs)
     k = round(args.step * args.steps)

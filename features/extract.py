@@ -31,6 +31,7 @@ from einops import rearrange
 
 from ..hooks import StepContext
 from ..schedulers.ddim import alphas_cumprod, ddim_invert_step
+from ..checks import whole
 
 # DIFT's SPair-71k setting: SD 2.1 at 768x768, t = 261, up_ft_index 1, ensemble 8 (dift README, eval_spair.py).
 DIFT_T = 261
@@ -42,8 +43,9 @@ class _Done(Exception):
 
 
 def is_image_feature(info) -> bool:
-    """False only for cross-attention k and v, which are made from the prompt alone."""
-    return not (info.kind == "cross_attention" and info.point in ("k", "v"))
+    """False for cross-attention k and v, which are made from the prompt alone, and for `hook_kv`, a
+    stacked copy of k and v (ask for hook_k or hook_v)."""
+    return not (info.kind == "cross_attention" and info.point in ("k", "v")) and info.point != "kv"
 
 
 def feature_names(unet, **where) -> List[str]:
@@ -87,15 +89,13 @@ def to_spatial(value: torch.Tensor, info, latent_hw) -> torch.Tensor:
 
 def check_timestep(sd, t) -> int:
     T = sd.scheduler.num_train_timesteps
-    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < T:
-        raise ValueError(f"t must be a whole timestep from 0 to {T - 1} (DIFT uses {DIFT_T}), got {t!r}")
-    return t
+    return whole("t", t, 0, T - 1, f" (a timestep; DIFT uses {DIFT_T})")
 
 
 def as_batch(sd, images) -> torch.Tensor:
     """Paths, PIL images or a [B,3,H,W] tensor in [0,1] -> [B,3,H,W] on the model's device.
     Paths are centre-cropped and resized to the model's size (`load_image(path, sd=sd)`)."""
-    from ..editing.inversion import load_image
+    from ..inversion import load_image
     from ..pipeline import to_tensor
     if isinstance(images, (str, bytes)) or hasattr(images, "__fspath__"):
         images = [images]
@@ -153,8 +153,7 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
     names = check_names(sd, names)
     t = check_timestep(sd, t)
     for arg, v in (("ensemble", ensemble), ("max_rows", max_rows)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{arg} must be a positive whole number, got {v!r}")
+        whole(arg, v, 1)
     if inversion not in (None, "ddim"):
         raise ValueError(f"inversion must be None (forward-process noise, as DIFT) or 'ddim', got {inversion!r}")
     if posterior not in ("sample", "mean"):
@@ -168,9 +167,9 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
         raise ValueError(f"prompt must be a string or one string per image ({B}), got {prompt!r}")
     mean, logvar = (torch.cat(v) for v in zip(*(sd.vae.encode(2 * x[i:i + max_rows] - 1) for i in range(0, B, max_rows))))
     scale = sd.vae.cfg.scaling_factor
-    ctx = sd.encode_prompt(prompts, size=tuple(x.shape[-2:]))  # SDXL: the images' size in its time ids
+    context = sd.encode_prompt(prompts, size=tuple(x.shape[-2:]))  # SDXL: the images' size in its time ids
     if inversion == "ddim":
-        z = torch.cat([ddim_to(sd, mean[i:i + max_rows] * scale, t, ctx[i:i + max_rows]) for i in range(0, B, max_rows)])
+        z = torch.cat([ddim_to(sd, mean[i:i + max_rows] * scale, t, context[i:i + max_rows]) for i in range(0, B, max_rows)])
     infos = {n: sd.unet.hook_info(n) for n in names}
     hw = mean.shape[-2:]
     owner = torch.arange(B, device=mean.device).repeat_interleave(ensemble)  # row -> image
@@ -204,7 +203,7 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
         try:
             with sd.unet.hooks({n: keep for n in names}), \
                     sd.unet.step_context(StepContext(step=0, t=t, num_steps=1, rows={"cond": list(range(len(idx)))})):
-                sd.unet(zc, t, ctx[idx])
+                sd.unet(zc, t, context[idx])
         except _Done:
             pass
         for n, v in seen.items():

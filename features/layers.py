@@ -38,6 +38,7 @@ raise.
 import functools
 from typing import Tuple
 
+from ..checks import whole
 from ..unet.config import SD1
 
 # --- The papers' tables (commits read: see each source) ---------------------------------------------------------
@@ -173,8 +174,7 @@ def _tables(cfg):
 
 
 def _index(paper, layer, count):
-    if isinstance(layer, bool) or not isinstance(layer, int):
-        raise TypeError(f"layer for {paper!r} must be an int index, got {layer!r}")
+    whole(f"layer for {paper!r}", layer, not_int=TypeError)
     if not 0 <= layer < count:
         raise ValueError(f"{paper!r} has no layer {layer}; valid: {list(range(count))}")
     return layer
@@ -282,3 +282,18 @@ def dift_index(sd) -> int:
 def dift_layer(sd) -> str:
     """The hook of DIFT's default feature for this model: `paper_layer("dift", dift_index(sd), sd.unet)`."""
     return paper_layer("dift", dift_index(sd), sd.unet)
+
+
+# Plug-and-Play's injected feature (editing/pnp.py), also the default layer of `features pca`.
+FEATURE_LAYERS = ("output_blocks.4.0",)  # pnp-diffusers: decoder layer 4's ResBlock
+# SDXL has no official PnP. Our choice, by level: SD's layer 4 is the second decoder block at maps of
+# 1/4 of the latent (16x16 at 512²); SDXL's at 1/4 (32x32 at 1024²) is its first decoder level.
+SDXL_FIRST_BLOCK = 1
+
+
+def default_feature_layers(sd):
+    """The ResBlock whose `hook_h` is injected: SD's decoder layer 4, or SDXL's analogue (our choice)."""
+    if not sd.is_sdxl:
+        return FEATURE_LAYERS
+    infos = [sd.unet.hook_info(n) for n in sd.unet.hook_names(place="up", kind="resblock", point="h")]
+    return tuple(i.module for i in infos if i.block == SDXL_FIRST_BLOCK)

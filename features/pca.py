@@ -47,10 +47,10 @@ def collect(sd, latents: Sequence[torch.Tensor], t: int, names: Sequence[str], p
         size = sd.image_size(z)
         if size not in contexts:
             contexts[size] = sd.encode_prompt([prompt], size=size)
-        ctx = contexts[size]
+        context = contexts[size]
         with sd.unet.record(lambda n: n in out) as store, \
                 sd.unet.step_context(StepContext(step=0, t=t, num_steps=1, rows={"cond": [0]})):
-            sd.unet(z, t, ctx)
+            sd.unet(z, t, context)
         for n in names:
             out[n].append(to_spatial(store[n][-1], sd.unet.hook_info(n), z.shape[-2:])[0])
     return out

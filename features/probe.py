@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import whole
 from .extract import check_timestep, extract, feature_names
 
 # --kinds: (HookInfo.kind, HookInfo.point). The defaults are those Meng et al. 2024 compare (Fig. 1):
@@ -159,8 +160,7 @@ def random_unet(sd, seed: int = 0):
 
 
 def _check_count(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
+    whole(name, v, lo)
 
 
 @torch.no_grad()
@@ -242,7 +242,7 @@ def sweep_heatmap(rows: List[Dict], title: str = "") -> "Image.Image":
     """Hooks (rows, grouped by kind, UNet order within a kind) x t (columns), each cell its mIoU on one
     fixed 0..1 scale so that runs compare; baselines (no t) span their row. A colour bar at the right."""
     from PIL import Image, ImageDraw
-    from ..editing.visualize import colorize, colour_bar, font
+    from ..visualize import colorize, colour_bar, font
     ts = sorted({r["t"] for r in rows if r["t"] is not None})
     hooks = list(dict.fromkeys((r["kind"], r["hook"]) for r in rows))
     value = {(r["hook"], r["t"]): r["miou"] for r in rows}

@@ -134,11 +134,12 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
 
 def sample(denoise: Callable, x: torch.Tensor, cfg: DDIMConfig, steps: int, eta: float = 0.0,
            generator: Optional[torch.Generator] = None, callback: Optional[Callable] = None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, prepare: Optional[Callable] = None) -> torch.Tensor:
     """Run DDIM from x_T. `denoise(x, t, step)` returns the model output (eps or v) at x.
 
     `callback(step, t, x)` may return a tensor that replaces x after each step (local blend
-    and similar latent edits use this). x is kept in float32 (float64 if given) whatever the
+    and similar latent edits use this); `prepare(step, t, x)` one that replaces x before the model
+    sees it (Attend-and-Excite's gradient steps on the latents). x is kept in float32 (float64 if given) whatever the
     dtypes of x_T and of the model: see `state_dtype`.
     """
     check_eta(eta)
@@ -151,6 +152,9 @@ def sample(denoise: Callable, x: torch.Tensor, cfg: DDIMConfig, steps: int, eta:
         from tqdm.auto import tqdm
         it = tqdm(it, total=steps, desc="DDIM", leave=False)
     for i, t in it:
+        if prepare is not None:
+            y = prepare(i, t, x)
+            x = x if y is None else y.to(x.dtype)
         out = denoise(x, t, i).to(x.dtype)  # fp16 * python float would round the step's terms
         noise = None
         if eta > 0:

@@ -282,14 +282,14 @@ def files(folder):
                                               ("pnp", RuntimeError("boom"), 2)])
 def test_failed_command_writes_nothing(sd1_fixture, tmp_path, capsys, monkeypatch, command, exc, rc):
     """A failure after some outputs were written leaves the folder as it was: new or with old files."""
-    import sdlens.editing.visualize
+    import sdlens.visualize
     import sdlens.pipeline
     img = picture(tmp_path / "in.png")
     argv = {"p2p": ["p2p", "--prompt", "a red cat", "--target", "a blue cat"],
             "pnp": ["pnp", "--image", img, "--prompt", "a cat", "--inversion-steps", "2"]}[command]
     argv += ["--model", sd1_fixture["folder"], "--steps", "2"]
     real_to_pil = sdlens.pipeline.to_pil  # p2p fails at the fifth of five files, pnp at the second of two
-    monkeypatch.setattr(sdlens.editing.visualize, "self_attention_components", raiser(exc))
+    monkeypatch.setattr(sdlens.visualize, "self_attention_components", raiser(exc))
     monkeypatch.setattr(sdlens.pipeline, "to_pil", lambda x: raiser(exc)() if len(x) == 1 else real_to_pil(x))
     got, err = run(argv + ["--out", tmp_path / "new" / "o"], capsys)
     assert got == rc and err.splitlines()[-1].startswith("error: boom" if rc == 2 else "interrupted")

@@ -85,7 +85,7 @@ def test_pnp_source_rows(sd, monkeypatch):
 def test_shards_and_shared_inversions(sd, monkeypatch):
     """Rank r of N takes items i % N == r; one DDIM inversion per item serves p2p and pnp."""
     calls = []
-    import sdlens.editing.inversion as inversion
+    import sdlens.inversion as inversion
     orig = inversion.ddim_latents
     monkeypatch.setattr(inversion, "ddim_latents", lambda *a, **k: calls.append(a[2]) or orig(*a, **k))
     monkeypatch.setattr(sdlens.editing, "load_image", lambda path, sd=None: torch.rand(1, 3, 64, 64))

@@ -97,7 +97,7 @@ def test_ddim_inversion_lands_on_the_sampler_inversion(pair):
     """t = 261 is on the 50-step grid (1, 21, ..., 261): inversion='ddim' must then agree with the
     editing code's 50-step DDIM inversion latent, read at that step."""
     _, sd = pair
-    from sdlens.editing.inversion import ddim_latents
+    from sdlens.inversion import ddim_latents
     images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     zs = ddim_latents(sd, images, "", 50)
     got = {}
@@ -111,9 +111,9 @@ def test_ddim_inversion_lands_on_the_sampler_inversion(pair):
     (dict(names="output_blocks.4.1.transformer_blocks.0.attn2.hook_k"), "prompt's 77 text tokens"),
     (dict(names="output_blocks.4.hook_outt"), "did you mean output_blocks.4.hook_out"),
     (dict(names=[]), "non-empty list"),
-    (dict(t=1000), "t must be a whole timestep from 0 to 999"),
+    (dict(t=1000), "t must be a whole number from 0 to 999"),
     (dict(t=2.5), "t must be"),
-    (dict(ensemble=0), "ensemble must be a positive"),
+    (dict(ensemble=0), "ensemble must be a whole number >= 1"),
     (dict(inversion="ddim", ensemble=4), "ensemble must be 1 with inversion='ddim'"),
     (dict(inversion="null-text"), "inversion must be None"),
     (dict(posterior="mode"), "posterior must be"),

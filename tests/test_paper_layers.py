@@ -251,7 +251,7 @@ def test_errors():
         paper_layer("dift", 4)
     with pytest.raises(ValueError, match=r"valid: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11\]"):
         paper_layer("pnp", 12)
-    with pytest.raises(TypeError, match="must be an int"):
+    with pytest.raises(TypeError, match="must be a whole number"):
         paper_layer("pnp", "4")
     with pytest.raises(TypeError, match="must be a str"):
         paper_layer("diffusers", 3)

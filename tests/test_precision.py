@@ -19,7 +19,7 @@ import torch
 
 import sdlens
 from sdlens.editing import PromptToPrompt, invert_image
-from sdlens.editing.inversion import METHODS, Inversion, ddim_latents, null_text
+from sdlens.inversion import METHODS, Inversion, ddim_latents, null_text
 from sdlens.editing.pnp import translate
 from sdlens.pipeline import StableDiffusion
 from sdlens.schedulers import DDIMConfig, invert, sample
@@ -127,7 +127,7 @@ def test_run_with_cache_default_skips_attention_maps(tiny32):
     with torch.no_grad():
         ref = unet(x, 501, ctx)
         out, cache = unet.run_with_cache(x, 501, ctx)
-    assert set(cache) == {n for n in unet.hook_names() if not n.endswith("hook_probs")}
+    assert set(cache) == {n for n in unet.hook_names() if unet.hook_info(n).point not in ("probs", "kv")}
     assert torch.equal(out, ref)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sdlens
-from sdlens.editing.inversion import Inversion, ddim_latents, invert_image, null_text
+from sdlens.inversion import Inversion, ddim_latents, invert_image, null_text
 from sdlens.editing.pnp import decoder_self_attention, default_feature_layers, translate
 from sdlens.pipeline import StableDiffusion
 from sdlens.unet import SDXL, UNetModel

@@ -11,6 +11,7 @@ import sdlens
 from sdlens.editing import LocalBlend, PromptToPrompt
 from sdlens.editing.attention_maps import attention_maps
 from sdlens.editing.attention_store import default_map_size
+from sdlens.editing.patch import hooks
 
 SRC, TGT = "a cat riding a bicycle", "a dog riding a bicycle"
 KW = dict(seed=0, guidance_scale=7.5, progress=False)
@@ -76,7 +77,7 @@ def test_edit_injects_maps_and_store_keeps_the_deepest_level(sd):
     assert both.store.aggregate((2, 2)).shape == (2, 2, 2, 77)  # 77 token keys: the added row is not a key
     # self-attention replacement: the same level (RoyiRa: queries <= attn_res^2)
     e = PromptToPrompt(sd, SRC, [TGT], steps=STEPS)
-    edited_self = {n for n, fn in e.hooks((8, 8)).items() if info(n).kind == "self_attention"}
+    edited_self = {n for n in hooks(sd, e.patches((8, 8))) if info(n).kind == "self_attention"}
     assert edited_self == {n for n in expect if info(n).kind == "self_attention"}
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import sdlens
 from sdlens.editing import attention_grid, attention_maps, cross_attention_grid
-from sdlens.editing.visualize import heatmap_grid
+from sdlens.visualize import heatmap_grid
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_words_take_their_token_columns(tiny):
 def test_attention_maps_bad_input(tiny):
     with pytest.raises(ValueError, match=r"res=12.*use one of \[4, 8, 16\]"):
         attention_maps(tiny, "a red circle", res=12, steps=1)
-    with pytest.raises(TypeError, match="res must be an int"):
+    with pytest.raises(TypeError, match="res must be a whole number"):
         attention_maps(tiny, "a red circle", res="8", steps=1)
     with pytest.raises(ValueError, match="prompt must be a non-empty string"):
         attention_maps(tiny, "  ", steps=1)

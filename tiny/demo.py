@@ -28,7 +28,7 @@ def free_folder(base):
 
 def captioned_grid(images, captions, cols=4, scale=3):
     """Images scaled up `scale` times (nearest: one block = one pixel), each with a caption in a TTF font."""
-    from ..editing.visualize import font, wrap
+    from ..visualize import font, wrap
     fnt = font(14)
     w, h = images[0].size
     cw, ch = w * scale + 8, h * scale + 60
@@ -96,7 +96,7 @@ def _run(sd, save, seed, steps, guidance):
     from ..editing.attention_maps import word_maps
     from ..features.pca import collect, pca_rgb
     from ..editing.pnp import inversion_latents, translate
-    from ..editing.visualize import attention_grid, self_attention_components
+    from ..visualize import attention_grid, self_attention_components
     from ..pipeline import to_pil
     from .scenes import render, scene_from
     from tqdm.auto import tqdm

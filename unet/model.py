@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import whole
 from ..hooks import HookedModule, HookInfo, HookPoint
 from .attention import Attention, BasicTransformerBlock, SpatialTransformer
 from .config import UNetConfig
@@ -109,14 +110,15 @@ class Block(nn.Module):
 
     def __init__(self, layers, place, index, level):
         super().__init__()
+        if place == "up":  # what the block concatenates: the decoder's features and the encoder's skip
+            # (registered first, so hook_names lists them in the order the forward pass calls them)
+            self.hook_backbone, self.hook_skip = HookPoint(), HookPoint()
         for i, layer in enumerate(layers):
             self.add_module(str(i), layer)
         self.layers = list(layers)  # a plain list (the modules are registered above), for forward
         self.place, self.index, self.level = place, index, level
         self.out_level = level + any(isinstance(m, Downsample) for m in layers) - any(isinstance(m, Upsample) for m in layers)
         self.hook_out = HookPoint()
-        if place == "up":  # what the block concatenates: the decoder's features and the encoder's skip
-            self.hook_backbone, self.hook_skip = HookPoint(), HookPoint()
 
     def forward(self, x, emb, context, size=None):
         for layer in self.layers:
@@ -281,8 +283,7 @@ class UNetModel(HookedModule):
         """{hook name: shape} for a [batch, C, height, width] latent, from a forward on the meta device
         (shapes only: no memory, no arithmetic, a fraction of a second even for SD's UNet)."""
         for n, v in (("height", height), ("width", width), ("batch", batch)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{n} must be a positive whole number (latent pixels), got {v!r}")
+            whole(n, v, 1, hint=" (latent pixels)")
         with torch.device("meta"):
             twin = UNetModel(self.cfg)
             x = torch.zeros(batch, self.cfg.in_channels, height, width)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from ..outputs import Staged
-from ..pipeline import to_pil
+from .outputs import Staged
+from .pipeline import to_pil
 
 # A perceptual dark-to-bright ramp (matplotlib's "inferno" sampled at 0, .25, .5, .75, 1): dark
 # means "little attention", so a uniform map cannot pass for a hot one.

@@ -20,7 +20,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..schedulers import alphas_cumprod, classifier_free_guidance, ddim_step, invert, timesteps
+from .checks import whole
+from .schedulers import alphas_cumprod, classifier_free_guidance, ddim_step, invert, timesteps
 
 METHODS = ("ddim", "null-text", "negative-prompt", "direct")
 
@@ -152,8 +153,7 @@ def load_image(path, size=None, *, sd=None):
             raise TypeError("load_image() needs the model, load_image(path, sd=sd), to resize to its own size "
                             "(sd.default_size), or a size, load_image(path, 512)")
         size = sd.default_size
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"size must be an int, got {type(size).__name__}")
+    whole("size", size, not_int=TypeError)
     if size <= 0 or size % 8 or size > MAX_SIZE:
         raise ValueError(f"size must be a positive multiple of 8 of at most {MAX_SIZE}, got {size}")
     try:
@@ -169,3 +169,46 @@ def load_image(path, size=None, *, sd=None):
     s = min(w, h)
     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
     return im.resize((size, size), Image.LANCZOS)
+
+
+# ---- the latents of an inversion at the sampling timesteps (Plug-and-Play, features) ----
+INVERSION_STEPS = 999  # Plug-and-Play's official inversion (editing/pnp.py: both official codes)
+
+
+def schedule_timesteps(sd, n, name):
+    """The sampling timesteps of an n-step schedule; ValueError naming `name` if n is not a usable count."""
+    T = sd.scheduler.num_train_timesteps
+    try:
+        whole(name, n)
+        return timesteps(sd.scheduler, n)  # checks the range
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number of steps from 1 to {T - sd.scheduler.steps_offset}, "
+                         f"got {n!r}") from None
+
+
+def check_inversion_steps(sd, steps, inversion_steps, name="inversion_steps"):
+    """The inversion must pass through every sampling timestep, so that its latents can be kept there."""
+    fine = schedule_timesteps(sd, inversion_steps, name)
+    if inversion_steps < steps:
+        raise ValueError(f"{name} ({inversion_steps}) must be at least steps ({steps})")
+    if not set(schedule_timesteps(sd, steps, "steps")) <= set(fine):
+        raise ValueError(f"{name} ({inversion_steps}) misses some of the {steps} sampling timesteps; "
+                         f"use {steps}, or 999 (every timestep)")
+
+
+def keep_sampling_latents(sd, zs, steps):
+    """[z_0, z_{t_1}, ..., z_{t_N'}] of an N'-step inversion -> the N + 1 latents at the N sampling timesteps."""
+    by_t = dict(zip(reversed(timesteps(sd.scheduler, len(zs) - 1)), zs[1:]))
+    return [zs[0]] + [by_t[t] for t in reversed(timesteps(sd.scheduler, steps))]
+
+
+def inversion_latents(sd, image, prompt="", steps=50, inversion_steps=None, progress=False):
+    """DDIM inversion with `prompt` (empty by default) at w = 1, in `inversion_steps` steps (default
+    `steps`); returns the steps + 1 latents at the sampling timesteps [z_0, z_{t_1}, ..., z_{t_N}]."""
+    inversion_steps = steps if inversion_steps is None else inversion_steps
+    check_inversion_steps(sd, steps, inversion_steps)
+    z0 = sd.encode_image(image).to(sd.latent_dtype)
+    with torch.no_grad():
+        den = sd.denoiser(sd.encode_prompt([prompt], sd.image_size(z0)), 1.0, inversion_steps)
+        zs = invert(den, z0, sd.scheduler, inversion_steps, progress=progress)
+    return keep_sampling_latents(sd, zs, steps)
