@@ -32,6 +32,13 @@ def fraction(name, value):
     return number(name, value, 0, 1)
 
 
+def flag(name, value):
+    """True or False, and nothing else (not 0, 1 or "yes")."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
 def _range(lo, hi):
     if lo is not None and hi is not None:
         return f" from {lo} to {hi}"

@@ -38,20 +38,22 @@ Op = Union[str, Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], t
 
 
 def copy(src, dst, w):
-    """dst := src where the weight is not 0 (exact values, no arithmetic)."""
-    return torch.where(w != 0, src, dst)
+    """dst := src where the weight is not 0 (exact values, no arithmetic); w None (always on): src."""
+    return src.expand_as(dst) if w is None else torch.where(w != 0, src, dst)
 
 
 def blend(src, dst, w):
     """w src + (1 - w) dst, written as P2P's official `attn_replace * alpha + attn_base * (1 - alpha)`
-    (so 0/1 weights give exactly one or the other)."""
+    (so 0/1 weights give exactly one or the other); w None (always on) is weight 1: src."""
+    if w is None:
+        return src.expand_as(dst)
     w = w.to(dst.dtype)
     return src * w + dst * (1 - w)
 
 
 def scale(src, dst, w):
-    """dst * w where the weight is not 0 (`src` unused): re-weighting."""
-    return torch.where(w != 0, dst * w.to(dst.dtype), dst)
+    """dst * w where the weight is not 0 (`src` unused): re-weighting; w None is weight 1: dst."""
+    return dst if w is None else torch.where(w != 0, dst * w.to(dst.dtype), dst)
 
 
 OPS = {"copy": copy, "blend": blend, "scale": scale}
@@ -165,16 +167,16 @@ def hooks(sd, patches: Sequence[Patch]) -> Dict[str, Callable]:
 
 def _point_fn(compiled: List[_Compiled]):
     def fn(x, hook):
-        ctx, out = hook.ctx, None
+        ctx, out, owned = hook.ctx, None, False  # owned: `out` is a tensor of ours, safe to write into
         for c in compiled:
             if not c.applies(ctx):
                 continue
             rows, value = c(x if out is None else out, ctx)
-            if rows == slice(None):
-                out = value
+            if rows == slice(None):  # every row: the op's result is the value (it may be a view of x)
+                out, owned = value, False
             else:
-                if out is None or out is x:  # never write into the value the model handed us
-                    out = x.clone()
+                if not owned:  # never write into the value the model handed us, nor into a view of it
+                    out, owned = (x if out is None else out).clone(), True
                 out[rows] = value
         return out
     return fn
