@@ -11,6 +11,7 @@ import sys
 from .cli import (Parser, add_model_args, add_sampling_args, check_device, finite, fraction, load_model, natural,
                   positive, preflight, seed)
 from .editbench import cli as editbench_cli
+from .editing import cli as methods_cli
 from .features import cli as features_cli
 from .outputs import Staged, save_image_atomic
 from .pipeline import SAMPLERS
@@ -78,6 +79,7 @@ def parser():
                    help="how --image is inverted (the official code uses DDIM)")
     add_sampling_args(m, "folder for " + ", ".join(MASACTRL_FILES))
 
+    methods_cli.add_parsers(sub)
     features_cli.add_parser(sub)
     editbench_cli.add_parser(sub)
 
@@ -217,7 +219,8 @@ def cmd_hooks(args):
 
 
 COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "masactrl": cmd_masactrl,
-            "features": features_cli.run, "hooks": cmd_hooks, "edit-bench": editbench_cli.run}
+            "features": features_cli.run, "hooks": cmd_hooks, "edit-bench": editbench_cli.run,
+            **{name: methods_cli.run for name in methods_cli.COMMANDS}}
 
 
 def main(argv=None):

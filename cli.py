@@ -127,7 +127,7 @@ def check_device(name):
 
 def preflight(args, out_names, images=(), folder=True):
     """Everything checkable before the model loads: device, input images, where the outputs go."""
-    from .editing import load_image
+    from .inversion import load_image
     check_device(args.device)
     check_target(args.out, folder=folder)
     outs = [os.path.join(args.out, n) for n in out_names] if folder else [args.out]

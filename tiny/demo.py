@@ -103,7 +103,8 @@ def _run(sd, save, seed, steps, guidance):
     t0 = time.time()
     cfg = f"seed {seed}, {steps} steps, guidance {guidance}"
     panels = []
-    bar = tqdm(total=7, desc="sdlens demo (generate, P2P, PnP, MasaCtrl, PCA, correspondence, probes)", leave=False)  # one bar for the whole gallery
+    bar = tqdm(total=8, desc="sdlens demo (generate, P2P, PnP, MasaCtrl, FreeU/PAG/StyleAligned/A&E, PCA, "
+               "correspondence, probes)", leave=False)  # one bar for the whole gallery
     images = sd.generate(PROMPTS, steps=steps, guidance_scale=guidance, seed=seed, progress=False)
     for i, im in enumerate(images):
         save(im, f"generate_{i:02d}.png")
@@ -189,6 +190,9 @@ def _run(sd, save, seed, steps, guidance):
                        images=[("features_pca.png", "scenes, then their features")]))
     bar.update()
     panels.append(masactrl_panel(sd, save, steps))
+    bar.update()
+    from .demo_methods import panels as method_panels
+    panels += method_panels(sd, save, seed, steps, guidance)
     bar.update()
     panels.append(correspondence_panel(sd, save))
     bar.update()
