@@ -1,7 +1,9 @@
-"""Every ```python block of the README runs, as written, on sdlens-tiny: the README cannot rot.
+"""Every ```python block of the README and of each page in docs/ runs, as written, on sdlens-tiny: the
+docs cannot rot.
 
-The blocks run in order in one namespace (later blocks use `sd`, `z`, `ctx`, `e` from earlier ones),
-in a temporary folder holding `photo.png`, a rendered scene of the kind sdlens-tiny was trained on.
+Each page's blocks run in order in one namespace of their own (later blocks use `sd`, `z`, `ctx`, `e`
+from earlier ones on the same page), in a temporary folder holding `photo.png`, a rendered scene of
+the kind sdlens-tiny was trained on.
 A line that ends in a `# needs: ...` comment (real weights, a GPU) is replaced by `pass`, so such
 lines must be whole statements. Everything else runs.
 """
@@ -10,9 +12,13 @@ import random
 import re
 import time
 
+import glob
+
 import pytest
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+PAGES = [README] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 NEEDS = re.compile(r"#\s*needs:")
 
 
@@ -33,18 +39,27 @@ def test_runnable_keeps_statements_and_drops_needs_lines():
     assert ns["a"] == 1 and "b" not in ns and "c" not in ns
 
 
-def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
-    from sdlens.tiny.scenes import render, scene_from
+def test_docs_are_linked_from_the_readme():
     with open(README) as f:
+        text = f.read()
+    assert len(PAGES) >= 8 and all(f"(docs/{os.path.basename(p)})" in text for p in PAGES[1:])
+    assert len(text.splitlines()) <= 200, "README.md is the front page: keep it short, put topics in docs/"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
+def test_python_blocks_run(page, tmp_path, monkeypatch, capsys):
+    from sdlens.tiny.scenes import render, scene_from
+    with open(page) as f:
         blocks = python_blocks(f.read())
-    assert len(blocks) >= 5, "the README lost its Python blocks"
+    if page == README:
+        assert blocks, "the README lost its Python tour"
     scene = scene_from("circle", "red", "big", "left")  # "a big red circle on the left", as in the P2P snippet
     render(scene, random.Random(0)).save(tmp_path / "photo.png")
     monkeypatch.chdir(tmp_path)
     ns = {"__name__": "__readme__"}
     t0 = time.time()
     for i, block in enumerate(blocks):
-        code = compile(runnable(block), f"README.md python block {i + 1}", "exec")
+        code = compile(runnable(block), f"{os.path.relpath(page, ROOT)} python block {i + 1}", "exec")
         exec(code, ns)  # a failure names the block and the line in its traceback
     with capsys.disabled():
-        print(f"\nREADME: {len(blocks)} Python blocks ran in {time.time() - t0:.0f} s")
+        print(f"\n{os.path.relpath(page, ROOT)}: {len(blocks)} Python blocks ran in {time.time() - t0:.0f} s")
