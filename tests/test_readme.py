@@ -44,6 +44,10 @@ def test_docs_are_linked_from_the_readme():
         text = f.read()
     assert len(PAGES) >= 8 and all(f"(docs/{os.path.basename(p)})" in text for p in PAGES[1:])
     assert len(text.splitlines()) <= 200, "README.md is the front page: keep it short, put topics in docs/"
+    for page in PAGES[1:]:  # every picture a page shows is there
+        with open(page) as f:
+            for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", f.read()):
+                assert os.path.isfile(os.path.join(os.path.dirname(page), img)), (page, img)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
