@@ -136,6 +136,7 @@ def cmd_p2p(args):
         raise ValueError("--mode reweight needs word weights, e.g. --equalize car=2")
     preflight(args, P2P_FILES, [("--image", args.image)] if args.image else [])
     from .editing import LocalBlend, PromptToPrompt, invert_image, load_image
+    from .editing.attention_store import object_map_size
     from .visualize import cross_attention_grid, self_attention_components, token_labels
     from .pipeline import to_pil
     sd = load_model(args)
@@ -148,7 +149,8 @@ def cmd_p2p(args):
         inversion = invert_image(sd, image, args.prompt, args.inversion, args.steps, args.guidance, progress=True)
     res = editor.run(guidance_scale=args.guidance, seed=args.seed, inversion=inversion, low_memory=args.low_memory,
                      progress=True)
-    maps = res.store.aggregate(res.store.largest())
+    # the maps that localise objects (8x8 on sdlens-tiny, whose 16x16 layers attend almost uniformly)
+    maps = res.store.aggregate(object_map_size(sd, tuple(res.latents.shape[-2:])))
     with Staged(args.out, args.force) as out:
         src, edit = to_pil(res.images)
         out.save(src, "source.png")

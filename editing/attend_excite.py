@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from ..checks import fraction, number, whole
 from ..hooks import StepContext
+from .attention_store import object_map_size
 from .words import word_positions
 
 THRESHOLDS = {0: 0.05, 10: 0.5, 20: 0.8}  # A:773 and the official config.py: step -> wanted maximum
@@ -60,17 +61,9 @@ PLACES = ("up", "down", "mid")  # A:645: the order diffusers sums the layers in
 
 
 def default_attn_res(sd, latent_hw) -> Tuple[int, int]:
-    """(h, w) of the maps Attend-and-Excite reads by default for latents of `latent_hw`: the deepest
-    level with cross-attention in both the encoder and the decoder (see the module docstring)."""
-    unet = sd.unet
-    levels = [{unet.hook_info(n).level for n in unet.hook_names(kind="cross_attention", point="probs", place=p)}
-              for p in ("down", "up")]
-    both = levels[0] & levels[1]
-    if not both:
-        raise ValueError("this UNet has no level with cross-attention in both its encoder and decoder; pass attn_res")
-    deepest = max(both)
-    name = next(n for n in unet.hook_names(kind="cross_attention", point="probs") if unet.hook_info(n).level == deepest)
-    return unet.hook_info(name).map_size(latent_hw)
+    """(h, w) of the maps Attend-and-Excite reads by default: `object_map_size` (the deepest level with
+    cross-attention in both the encoder and the decoder; see the module docstring)."""
+    return object_map_size(sd, latent_hw)
 
 
 def map_layers(sd, latent_hw, attn_res) -> List[str]:

@@ -2,15 +2,16 @@
 
 Built on `AttentionStore` (the public hook API): while the prompt is sampled it records the
 conditional rows' cross-attention probabilities, and the maps are averaged over steps, heads and
-every layer whose map is res x res (the official `aggregate_attention`, which the notebooks show
-at 16 x 16 for SD at 512 x 512; on SDXL, by default, RoyiRa's attn_res: 1/32 of the image).
+every layer whose map is res x res (the official `aggregate_attention`). By default the maps are those
+that localise objects (`object_map_size`): 16 x 16 for SD at 512 x 512 (the notebooks'), 32 x 32 for
+SDXL at 1024 x 1024 (RoyiRa's attn_res), 8 x 8 on sdlens-tiny.
 """
 from typing import Dict
 
 import torch
 
 from ..checks import whole
-from .attention_store import AttentionStore, default_map_size
+from .attention_store import AttentionStore, object_map_size
 from .words import word_tokens
 
 PUNCTUATION = ".,!?;:"
@@ -57,9 +58,10 @@ def attention_maps(sd, prompt: str, seed=None, res=None, steps=50, guidance_scal
     maps (a sum would differ by a constant factor per word; the mean keeps every map a probability
     in [0, 1], comparable across words). The result also has `.image` and `.prompt`.
 
-    `res`: the maps' side; None: `default_map_size`, 16 (the notebooks'), or on SDXL RoyiRa's
-    attn_res (ceil(H / 32), ceil(W / 32)), which is [h, w] for a non-square image.
-    On sdlens-tiny (16 x 16 latents) use res=8: its 16 x 16 layers attend almost uniformly."""
+    `res`: the maps' side; None: the model's maps that localise objects (`object_map_size`, the
+    deepest level with cross-attention in its encoder and decoder): 16 on SD at 512 (the notebooks'),
+    (ceil(H / 32), ceil(W / 32)) on SDXL (RoyiRa's attn_res; [h, w] for a non-square image), 8 on
+    sdlens-tiny, whose 16 x 16 layers attend almost uniformly."""
     if not isinstance(prompt, str) or not prompt.split():
         raise ValueError(f"prompt must be a non-empty string, not {prompt!r}")
     if res is not None:
@@ -67,7 +69,7 @@ def attention_maps(sd, prompt: str, seed=None, res=None, steps=50, guidance_scal
     word_columns(sd.tokenizer, prompt)  # a truncated prompt fails before sampling
     height, width = sd.check_size(height, width)
     hw = (height // sd.latent_factor, width // sd.latent_factor)
-    size = default_map_size(sd, (height, width)) if res is None else (res, res)
+    size = object_map_size(sd, hw) if res is None else (res, res)
     store = AttentionStore(sd.unet, hw, max_size=size, self_attn=False)
     if size not in store.sizes.values():
         sides = sorted({h for h, w in AttentionStore(sd.unet, hw, max_size=10 ** 6, self_attn=False).sizes.values()

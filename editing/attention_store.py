@@ -33,6 +33,25 @@ def default_map_size(sd, image_hw) -> Tuple[int, int]:
     return OFFICIAL_SIDE, OFFICIAL_SIDE
 
 
+def object_map_size(sd, latent_hw) -> Tuple[int, int]:
+    """(h, w) of the cross-attention maps that localise objects, for latents of `latent_hw`: those of the
+    deepest level with cross-attention in both the encoder and the decoder. That is the papers' choice
+    on every public model (SD at 512²: 16 x 16, P2P's notebooks and Attend-and-Excite; SDXL at 1024²:
+    32 x 32, RoyiRa's attn_res = 1/32 of the image) and, on sdlens-tiny, its 8 x 8 level: tiny's 16 x 16
+    layers attend almost uniformly ("circle" puts 46-50% of its mass on the left half of "a big red
+    circle on the left", 52-99% at the 8 x 8 ones). `attention_maps`, the CLI's attention pictures and
+    Attend-and-Excite read these by default."""
+    unet = sd.unet
+    levels = [{unet.hook_info(n).level for n in unet.hook_names(kind="cross_attention", point="probs", place=p)}
+              for p in ("down", "up")]
+    both = levels[0] & levels[1]
+    if not both:
+        raise ValueError("this UNet has no level with cross-attention in both its encoder and decoder; pass the map size")
+    deepest = max(both)
+    name = next(n for n in unet.hook_names(kind="cross_attention", point="probs") if unet.hook_info(n).level == deepest)
+    return unet.hook_info(name).map_size(latent_hw)
+
+
 def as_hw(size: Size) -> Tuple[int, int]:
     """A side s -> (s, s); an (h, w) pair unchanged."""
     return (size, size) if isinstance(size, int) else tuple(size)

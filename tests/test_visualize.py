@@ -19,10 +19,10 @@ def tiny():
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_word_maps_lie_on_their_object(tiny, side):
-    """The "circle" and "red" maps peak on the red circle the image shows, and their mass lies on the
-    prompt's side. Transposed or flipped maps, or a word read from the wrong token column, would not.
-    (res=8: sdlens-tiny's 16x16 layers attend almost uniformly; see the README.)"""
-    maps = attention_maps(tiny, f"a big red circle on the {side}", seed=0, res=8, steps=10)
+    """With the DEFAULT maps, the "circle" and "red" maps peak on the red circle the image shows, and their
+    mass lies on the prompt's side. Transposed or flipped maps, a word read from the wrong token column,
+    or a default at tiny's 16x16 layers (which attend almost uniformly: the old default) would not."""
+    maps = attention_maps(tiny, f"a big red circle on the {side}", seed=0, steps=10)
     assert list(maps) == ["a", "big", "red", "circle", "on", "the", side]
     rgb = np.asarray(maps.image, np.int32)
     red = (rgb[..., 0] > 150) & (rgb[..., 1] < 100) & (rgb[..., 2] < 100)
@@ -35,6 +35,19 @@ def test_word_maps_lie_on_their_object(tiny, side):
         assert red[i * cell + cell // 2, j * cell + cell // 2], f"{word} peaks off the circle at {(i, j)}"
         left = float(m[:, :4].sum() / m.sum())
         assert (left > 0.5) if side == "left" else (left < 0.5), (word, left)
+
+
+def test_default_maps_sit_where_the_papers_do():
+    """object_map_size: 16x16 for SD at 512² (P2P's notebooks, Attend-and-Excite), 32x32 for SDXL at
+    1024² (RoyiRa's attn_res), from the full-size topologies on the meta device."""
+    from types import SimpleNamespace
+    from sdlens.editing.attention_store import object_map_size
+    from sdlens.unet.config import SD1, SD2, SDXL
+    from sdlens.unet.model import UNetModel
+    for cfg, latent, want in ((SD1, 64, (16, 16)), (SD2, 96, (24, 24)), (SDXL, 128, (32, 32)), (SDXL, 64, (16, 16))):
+        with torch.device("meta"):
+            sd = SimpleNamespace(unet=UNetModel(cfg))
+        assert object_map_size(sd, (latent, latent)) == want, cfg
 
 
 def test_words_take_their_token_columns(tiny):
