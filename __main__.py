@@ -13,7 +13,7 @@ from .cli import (Parser, add_model_args, add_sampling_args, check_device, finit
 from .editbench import cli as editbench_cli
 from .editing import cli as methods_cli
 from .features import cli as features_cli
-from .outputs import Staged, save_image_atomic
+from .outputs import Interrupted, Staged, save_image_atomic
 from .pipeline import SAMPLERS
 
 
@@ -233,8 +233,8 @@ def main(argv=None):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the outputs were staged, so nothing was written
-        print("interrupted: nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as e:  # the outputs were staged, so nothing was written (a resumable run says what it kept)
+        print(f"interrupted: {e}" if isinstance(e, Interrupted) else "interrupted: nothing was written", file=sys.stderr)
         return 130
     return 0
 

@@ -163,3 +163,25 @@ def read_resume_log(path, settings) -> list:
     except ValueError:  # a line cut short by the interruption: keep what came before it
         pass
     return records
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a command that keeps finished work for a rerun: its message says what was kept, and
+    replaces the command line's usual "nothing was written"."""
+
+
+def csv_text(rows, cols=None, cell=str) -> str:
+    """Dict rows as CSV text through the csv module, so a value with a comma, a quote or a newline (an
+    item key, a category) stays one cell. `cols`: the columns (default: every key, in first-seen order;
+    a missing value is an empty cell); `cell(value)`: how a value is written."""
+    import csv
+    import io
+    if cols is None:
+        cols = []
+        for r in rows:
+            cols += [c for c in r if c not in cols]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    w.writerows([["" if c not in r else cell(r[c]) for c in cols] for r in rows])
+    return buf.getvalue()

@@ -151,13 +151,23 @@ def run_bench(sd, data, items, methods, metrics, done=None, on_row=None, rank=0,
     """Rows {item, method, metric...} of this rank's PIE items (`pie.Item`s of the folder `data`) (index i with i % world == rank), in item
     order, then method order. `done`: {(item id, method): row} already computed, returned as they
     are. `on_row(row)` is called as each new row is made. `metrics(source, edited, item)` -> {column: number}."""
-    from ..editing import load_image
     methods, done = check_methods(methods), done or {}
     mine = [it for i, it in enumerate(items) if i % world == rank]
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(mine), desc="edit-bench" + (f" rank {rank}/{world}" if world > 1 else ""), unit="image")
+        # leave=False and closed on any exit (finally below): an error is printed on a line of its own
+        bar = tqdm(total=len(mine), desc="edit-bench" + (f" rank {rank}/{world}" if world > 1 else ""), unit="image",
+                   leave=False)
+    try:
+        return _run_items(sd, data, mine, methods, done, on_row, metrics, bar, steps, guidance, mode)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_items(sd, data, mine, methods, done, on_row, metrics, bar, steps, guidance, mode):
+    from ..inversion import load_image
     rows = []
     for item in mine:
         todo = [m for m in methods if (item.key, m) not in done]
@@ -176,8 +186,6 @@ def run_bench(sd, data, items, methods, metrics, done=None, on_row=None, rank=0,
                 on_row(row)
         if bar is not None:
             bar.update()
-    if bar is not None:
-        bar.close()
     return rows
 
 
@@ -210,7 +218,5 @@ def table(rows, methods):
 
 
 def csv_text(rows):
-    cols = list(rows[0]) if rows else ["item", "method"]
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    return "\n".join([",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]) + "\n"
+    from ..outputs import csv_text as write_csv
+    return write_csv(rows, None if rows else ["item", "method"])

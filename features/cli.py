@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..cli import add_model_args, check_inputs_kept, fraction, load_model, model_files, positive, preflight, seed
-from ..outputs import Staged, Text, read_resume_log
+from ..outputs import Interrupted, Staged, Text, csv_text, read_resume_log
 
 
 def add_parser(sub):
@@ -173,10 +173,9 @@ def cmd_spair(args):
             rows = evaluate(sd, args.data, limit=args.limit, name=name, t=args.t, ensemble=args.ensemble,
                             seed=args.seed, progress=True, done=done, on_pair=on_pair)
         except KeyboardInterrupt:  # --out is not written, but the finished pairs are kept for a rerun
-            print(f"finished pairs are kept in {partial}; the same command resumes from them", file=sys.stderr)
-            raise
-    cols = list(rows[0])
-    text = "\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]) + "\n"
+            raise Interrupted(f"{args.out} was not written; the finished pairs are kept in {partial}, and the same "
+                              "command resumes from them") from None
+    text = csv_text(rows)
     with Staged(os.path.dirname(os.path.abspath(args.out)), args.force) as out:
         out.save(Text(text), os.path.basename(args.out))
     os.unlink(partial)

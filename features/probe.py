@@ -231,11 +231,8 @@ def probe_sweep(sd, task: str = "segmentation", ts: Sequence[int] = SWEEP_T, kin
 
 def sweep_csv(rows: List[Dict]) -> str:
     """The rows as CSV text: hook, kind, t (empty for baselines), miou, iou_<class>... (nan: class absent)."""
-    cols = list(rows[0])
-    lines = [",".join(cols)]
-    for r in rows:
-        lines.append(",".join("" if r[c] is None else f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
-    return "\n".join(lines) + "\n"
+    from ..outputs import csv_text
+    return csv_text(rows, list(rows[0]), lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
 def sweep_heatmap(rows: List[Dict], title: str = "") -> "Image.Image":

@@ -51,14 +51,44 @@ def read_pair(path, root):
     missing = [k for k in FIELDS if k not in d] if isinstance(d, dict) else list(FIELDS)
     if missing:
         raise ValueError(f"{path}: missing field(s) {', '.join(missing)}; is this SPair-71k's PairAnnotation?")
-    if not d["src_kps"] or len(d["src_kps"]) != len(d["trg_kps"]):
-        raise ValueError(f"{path}: src_kps and trg_kps must be non-empty and of one length")
+    bad = lambda key, want: ValueError(f"{path}: {key} is {json.dumps(d[key])[:60]}; expected {want}")
+    for key in ("category", "src_imname", "trg_imname"):  # names inside the dataset, never a path out of it
+        v = d[key]
+        if not isinstance(v, str) or not v or v in (".", "..") or "/" in v or "\\" in v or os.path.isabs(v):
+            raise bad(key, "a plain file or folder name inside the dataset (no '/', '..' or absolute path)")
+    for side in ("src", "trg"):
+        size = d[f"{side}_imsize"]
+        if not (isinstance(size, list) and len(size) == 3 and all(_int(v) and v > 0 for v in size)):
+            raise bad(f"{side}_imsize", "[width, height, 3] of positive integers")
+    if not d["src_kps"] or not isinstance(d["src_kps"], list) or not isinstance(d["trg_kps"], list) \
+            or len(d["src_kps"]) != len(d["trg_kps"]):
+        raise ValueError(f"{path}: src_kps and trg_kps must be non-empty lists of one length")
+    for side in ("src", "trg"):
+        w, h = d[f"{side}_imsize"][:2]
+        for pt in d[f"{side}_kps"]:
+            if not (isinstance(pt, list) and len(pt) == 2 and all(_num(v) for v in pt)):
+                raise bad(f"{side}_kps", f"a list of [x, y] number pairs; one is {json.dumps(pt)[:40]}")
+            # source points index the features (a negative one would index from the far edge); target
+            # points only enter a distance
+            if side == "src" and not (0 <= pt[0] < w and 0 <= pt[1] < h):
+                raise bad("src_kps", f"[x, y] points inside the {w}x{h} source image; one is {json.dumps(pt)[:40]}")
+    box = d["trg_bndbox"]
+    if not (isinstance(box, list) and len(box) == 4 and all(_num(v) for v in box) and box[2] > box[0] and box[3] > box[1]):
+        raise bad("trg_bndbox", "[x1, y1, x2, y2] numbers with x2 > x1 and y2 > y1")
     for side in ("src", "trg"):
         img = os.path.join(root, "JPEGImages", d["category"], d[f"{side}_imname"])
         if not os.path.isfile(img):
             raise ValueError(f"{path}: {side}_imname {img}: no such file")
         d[f"{side}_path"] = img
     return d
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
 
 
 def evaluate(sd, root, *, limit=None, name=None, t=DIFT_T, ensemble=8, seed=0, progress=False, done=None, on_pair=None):
@@ -74,22 +104,31 @@ def evaluate(sd, root, *, limit=None, name=None, t=DIFT_T, ensemble=8, seed=0, p
     pairs = [(read_pair(p, root), os.path.basename(p)) for p in pair_files(root)]
     pairs.sort(key=lambda x: (x[0]["category"], x[1]))
     pairs = pairs[:limit] if limit else pairs
-    if progress:
+    bar = None
+    if progress:  # leave=False and closed on any exit: an error is then printed on a line of its own
         from tqdm.auto import tqdm
-        pairs = tqdm(pairs, desc="SPair pairs", unit="pair")
+        pairs = bar = tqdm(pairs, desc="SPair pairs", unit="pair", leave=False)
+    try:
+        return _evaluate(sd, pairs, name, t, ensemble, seed, done or {}, on_pair)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _evaluate(sd, pairs, name, t, ensemble, seed, done, on_pair):
     cache, cat, out = {}, None, []
-    done = done or {}
     for d, fname in pairs:
         if fname in done:
             out += done[fname]
             continue
         if d["category"] != cat:
             cache, cat = {}, d["category"]
-        new = [k for k in ("src_path", "trg_path") if d[k] not in cache]
-        if new:
-            x = torch.stack([prepare(d[k], sd.default_size, k)[0] for k in new])
-            f = extract(sd, x, name, t=t, ensemble=ensemble, seed=seed, prompt=f"a photo of a {cat}")[name]
-            cache.update({d[k]: f[i].cpu() for i, k in enumerate(new)})
+        for k in ("src_path", "trg_path"):
+            if d[k] not in cache:  # one image per call, so its noise does not depend on which images share
+                # the call: a resumed run (its category cache empty) gives exactly the uninterrupted run's rows
+                x = prepare(d[k], sd.default_size, k)[0][None]
+                f = extract(sd, x, name, t=t, ensemble=ensemble, seed=seed, prompt=f"a photo of a {cat}")[name]
+                cache[d[k]] = f[0].cpu()
         src_hw, trg_hw = tuple(d["src_imsize"][:2][::-1]), tuple(d["trg_imsize"][:2][::-1])  # [W, H, 3] -> (H, W)
         pts = torch.tensor(d["src_kps"], dtype=torch.long)
         pred = match(cache[d["src_path"]], cache[d["trg_path"]], pts, src_hw, trg_hw)

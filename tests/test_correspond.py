@@ -162,10 +162,15 @@ def test_spair_cli_on_a_synthetic_set(tmp_path, capsys, sd):
     assert rows[0] == "pair,category,point,src_x,src_y,trg_x,trg_y,pred_x,pred_y,dist,threshold,correct"
     assert len(rows) == 1 + 9 and sum(int(r.rsplit(",", 1)[1]) for r in rows[1:]) == 6
     assert os.listdir(out.parent) == ["results.csv"]  # the resume log is gone after success
-    # The first pair's predictions are correspond()'s with DIFT's SPair prompt, on the JPEGs as read.
-    cat = root / "JPEGImages" / "cat"
-    want = correspond(sd, cat / "2008_000001.jpg", [[10, 10], [40, 30], [79, 59]], cat / "2008_000002.jpg",
-                      prompt="a photo of a cat", ensemble=2)
+    # The first pair's predictions: DIFT's SPair prompt on the JPEGs as read, each image's features
+    # extracted alone (so that a resumed run, whose category cache starts empty, draws the same noise).
+    from sdlens.features import extract
+    from sdlens.features.correspondence import match, prepare
+    from sdlens.features.layers import dift_layer
+    cat, name = root / "JPEGImages" / "cat", dift_layer(sd)
+    (src, src_hw), (trg, trg_hw) = (prepare(str(cat / n), sd.default_size, "image") for n in ("2008_000001.jpg", "2008_000002.jpg"))
+    fs, ft = (extract(sd, x[None], name, ensemble=2, prompt="a photo of a cat")[name][0] for x in (src, trg))
+    want = match(fs, ft, torch.tensor([[10, 10], [40, 30], [79, 59]]), src_hw, trg_hw)
     got = [[float(v) for v in r.split(",")[7:9]] for r in rows[1:4]]
     assert got == want.tolist()
 
@@ -184,7 +189,11 @@ def test_spair_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(spair, "match", second_pair_interrupts)
     argv = ["features", "spair", "--data", root, "--out", out, "--ensemble", 1]
-    assert run(argv, capsys)[0] == 130 and not out.exists()
+    rc, _, err = run(argv, capsys)
+    assert rc == 130 and not out.exists()
+    # one line that says what was kept (it used to add "nothing was written" after "finished pairs are kept")
+    # (the progress bar is cleared first: "\r" and blanks, no newline)
+    assert "\n" not in err and err.split("\r")[-1].startswith("interrupted:") and "kept" in err, err
     assert len((tmp_path / ".results.csv.partial").read_text().splitlines()) == 2  # settings + pair 1
     calls.clear(), interrupt.append(False)
     rc, stdout, err = run(argv, capsys)
@@ -192,6 +201,26 @@ def test_spair_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
     assert len(calls) == 2  # pairs 2 and 3 only
     assert stdout.splitlines()[4:6] == ["All per image PCK@0.1: 58.33", "All per point PCK@0.1: 66.67"]
     assert sorted(os.listdir(tmp_path)) == ["SPair-71k", "results.csv"]
+    whole = tmp_path / "whole" / "results.csv"  # an uninterrupted run: the same rows, byte for byte
+    assert run(["features", "spair", "--data", root, "--out", whole, "--ensemble", 1], capsys)[0] in (0, None)
+    assert whole.read_text() == out.read_text()
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("src_kps", [[-1, 5], [40, 30], [79, 59]], "inside the"), ("src_kps", [[10, 10, 1], [40, 30], [79, 59]], "[x, y]"),
+    ("src_kps", [["a", 1], [40, 30], [79, 59]], "[x, y]"), ("trg_bndbox", [0, 0, 5], "x2 > x1"),
+    ("trg_bndbox", [5, 5, 5, 9], "x2 > x1"), ("src_imsize", ["80", "60", 3], "positive integers"),
+    ("src_imname", "../../etc/passwd", "inside the dataset"), ("category", ["cat"], "plain file or folder name"),
+    ("trg_imname", "/etc/passwd", "inside the dataset")])
+def test_spair_malformed_annotation_is_one_line(tmp_path, capsys, field, value, says):
+    write_spair(str(tmp_path))
+    f = sorted((tmp_path / "PairAnnotation" / "test").iterdir())[0]
+    d = json.loads(f.read_text())
+    d[field] = value
+    f.write_text(json.dumps(d))
+    rc, _, err = run(["features", "spair", "--data", tmp_path, "--out", tmp_path / "o" / "r.csv"], capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and says in err and field in err and f.name in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_spair_bad_data_is_one_line(tmp_path, capsys):

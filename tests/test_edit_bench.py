@@ -88,7 +88,7 @@ def test_shards_and_shared_inversions(sd, monkeypatch):
     import sdlens.inversion as inversion
     orig = inversion.ddim_latents
     monkeypatch.setattr(inversion, "ddim_latents", lambda *a, **k: calls.append(a[2]) or orig(*a, **k))
-    monkeypatch.setattr(sdlens.editing, "load_image", lambda path, sd=None: torch.rand(1, 3, 64, 64))
+    monkeypatch.setattr(sdlens.inversion, "load_image", lambda path, sd=None: torch.rand(1, 3, 64, 64))
     items = [NS(key=str(i), image_path="x.png", original_prompt="a cat", editing_prompt="a dog", blended_word=None)
              for i in range(5)]
     metric = lambda src, out, item: {"psnr_unedit_part": 1.0}
