@@ -147,22 +147,54 @@ def undo_moves(moved, made):
         os.rmdir(path)
 
 
-def read_resume_log(path, settings) -> list:
-    """The records of a JSON-lines resume log whose first line equals `settings`, else [] (the run starts
-    over). A last line cut short by an interruption, or a record `parse` rejects, ends the list there."""
+def read_resume_log(path, settings, valid=lambda record: True) -> list:
+    """The records of a JSON-lines resume log whose first line equals `settings`; [] if there is no log.
+
+    A log written with other settings (another model, prediction type, metric model, device, step
+    count, method list or changed input files: `settings` holds a `fingerprint` of them) is refused
+    with a one-line ValueError that says how to start afresh: reusing it would silently mix results.
+    Each record must pass `valid(record)`; a bad one is refused the same way, except the last line,
+    which an interruption may have cut short (it is dropped, and its work done again)."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
         lines = f.read().splitlines()
-    records = []
+    fix = f"delete {path} to start afresh"
     try:
-        if not lines or json.loads(lines[0]) != settings:
-            return []
-        for line in lines[1:]:
-            records.append(json.loads(line))
-    except ValueError:  # a line cut short by the interruption: keep what came before it
-        pass
+        head = json.loads(lines[0]) if lines else None
+    except ValueError:
+        head = None
+    if head != settings:
+        differ = sorted(k for k in set(settings) | set(head or {}) if (head or {}).get(k) != settings.get(k)) \
+            if isinstance(head, dict) else ["its first line is not a settings record"]
+        raise ValueError(f"{path} is the resume log of a run with other settings ({', '.join(differ)}); rerun with "
+                         f"those settings to resume, or {fix}")
+    records = []
+    for i, line in enumerate(lines[1:], start=2):
+        try:
+            record = json.loads(line)
+            ok = valid(record)
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            if i == len(lines):  # the line an interruption cut short: redo its work
+                break
+            raise ValueError(f"{path}: line {i} is not a record this command writes; {fix}")
+        records.append(record)
     return records
+
+
+def fingerprint(paths) -> str:
+    """A SHA-256 of the files' names and bytes: a resume log records it, so a dataset whose files
+    changed since the interrupted run is noticed."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.path.basename(p).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 class Interrupted(KeyboardInterrupt):

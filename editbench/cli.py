@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..cli import add_model_args, check_inputs_kept, finite, load_model, model_files, natural, positive
-from ..outputs import Staged, Text, check_target, read_resume_log
+from ..outputs import Staged, Text, check_target, fingerprint, read_resume_log
 from . import run as bench
 
 TEST_HOOK = "SDLENS_EDIT_BENCH_STOP_AFTER"  # tests: interrupt (KeyboardInterrupt) after this many new rows
@@ -50,13 +50,14 @@ def partial_path(out, rank=None):
 
 
 def read_log(path, settings):
-    """{(item, method): row} of a log written with the same settings, else {}."""
-    done = {}
-    for row in read_resume_log(path, settings):
-        if not isinstance(row, dict) or "item" not in row or "method" not in row:
-            break  # a malformed record: keep what came before it
-        done[row["item"], row["method"]] = row
-    return done
+    """{(item, method): row} of a log written with the same settings ({} if there is none); another run's
+    log, or a row without all of its metrics, is refused (`read_resume_log`)."""
+    columns = settings["columns"]
+
+    def valid(row):  # every metric a number (NaN, written as null, is a value PIE's metrics give)
+        return (isinstance(row, dict) and isinstance(row.get("item"), str) and row.get("method") in settings["methods"]
+                and all(c in row and (row[c] is None or isinstance(row[c], (int, float))) for c in columns))
+    return {(row["item"], row["method"]): row for row in read_resume_log(path, settings, valid)}
 
 
 def logs(out):
@@ -80,6 +81,14 @@ def is_tiny(items):
                                    for it in items)
     except (ValueError, IndexError):  # a key that is no PIE-tiny index
         return False
+
+
+def metric_columns(kind):
+    """The metric columns every row of `kind` ("tiny" or "pie") has: a logged row without one is refused."""
+    if kind == "tiny":
+        return ["psnr_unedit_part", "mse_unedit_part", "ssim_unedit_part", "structure_iou", "edit_success"]
+    from .metrics import COLUMNS
+    return list(COLUMNS)
 
 
 def make_metrics(args, items):
@@ -155,9 +164,15 @@ def barrier(world):
 
 def finish(args, items, methods, kind, metrics, rank, world):
     sd = load_model(args)
+    # every setting that changes a row, and what the rows are made from: a log that differs is refused
+    paths = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images", it.image_path)
+                                                              for it in items]
+    metric_files = [p for p in (args.dino, args.clip, args.lpips) if p]
     settings = dict(model=args.model, config=args.config, dtype=args.dtype, size=sd.default_size,
-                    data=os.path.abspath(args.data),
-                    steps=args.steps, guidance=args.guidance, mode=args.mode, metrics=kind)
+                    prediction_type=sd.scheduler.prediction_type, device=str(sd.device), data=os.path.abspath(args.data),
+                    steps=args.steps, guidance=args.guidance, mode=args.mode, metrics=kind, methods=list(methods),
+                    columns=metric_columns(kind), inputs=fingerprint(paths),
+                    metric_models=fingerprint(metric_files) if metric_files else None)
     if world > 1:  # rank 0's settings for all: nodes may mount the shared folder at other paths
         import torch.distributed as dist
         shared = [settings]

@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..cli import add_model_args, check_inputs_kept, fraction, load_model, model_files, positive, preflight, seed
-from ..outputs import Interrupted, Staged, Text, csv_text, read_resume_log
+from ..outputs import Interrupted, Staged, Text, csv_text, fingerprint, read_resume_log
 
 
 def add_parser(sub):
@@ -158,8 +158,11 @@ def cmd_spair(args):
     preflight(args, (), folder=False)
     sd = load_model(args)
     name = check_layer(sd, args.layer)
+    # every setting that changes a row, and what the rows are made from: a log that differs is refused
     settings = dict(model=args.model, config=args.config, layer=name, t=args.t, ensemble=args.ensemble,
-                    seed=args.seed, size=sd.default_size, dtype=args.dtype, data=os.path.abspath(args.data))
+                    seed=args.seed, size=sd.default_size, dtype=args.dtype, data=os.path.abspath(args.data),
+                    prediction_type=sd.scheduler.prediction_type, device=str(sd.device), limit=args.limit,
+                    inputs=fingerprint(data))
     done = resume(partial, settings)
     os.makedirs(os.path.dirname(partial), exist_ok=True)  # the log lives beside --out, so a rerun finds it
     with open(partial, "w") as log:  # rewritten whole: a line cut short by an interruption goes
@@ -183,14 +186,18 @@ def cmd_spair(args):
     print(os.path.abspath(args.out))
 
 
+ROW_KEYS = {"pair", "category", "point", "src_x", "src_y", "trg_x", "trg_y", "pred_x", "pred_y", "dist", "threshold",
+            "correct"}  # features/spair.py's rows
+
+
 def resume(path, settings):
-    """{pair file: rows} from an interrupted run with the same settings, else {} (the run starts over)."""
-    done = {}
-    for record in read_resume_log(path, settings):
-        if not (isinstance(record, list) and len(record) == 2):
-            break  # a malformed record: keep what came before it
-        done[record[0]] = record[1]
-    return done
+    """{pair file: rows} from an interrupted run with the same settings ({} if there is none); another
+    run's log, or a record that is not [pair file, its rows], is refused (`read_resume_log`)."""
+    def valid(record):
+        return (isinstance(record, list) and len(record) == 2 and isinstance(record[0], str)
+                and isinstance(record[1], list) and record[1] and all(isinstance(r, dict) and set(r) == ROW_KEYS
+                                                                      for r in record[1]))
+    return {fname: rows for fname, rows in read_resume_log(path, settings, valid)}
 
 
 def cmd_sweep(args):

@@ -206,6 +206,31 @@ def test_spair_resumes_after_an_interruption(tmp_path, capsys, monkeypatch):
     assert whole.read_text() == out.read_text()
 
 
+def test_spair_refuses_the_log_of_changed_data(tmp_path, capsys, monkeypatch):
+    """The log records a fingerprint of the annotations and images: after an annotation changed, the
+    interrupted run's log is refused in one line (it used to be reused, giving rows of the old data)."""
+    import sdlens.features.spair as spair
+    root, out = tmp_path / "SPair-71k", tmp_path / "results.csv"
+    write_spair(str(root))
+    real, calls = spair.match, []
+
+    def second_pair_interrupts(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(spair, "match", second_pair_interrupts)
+    argv = ["features", "spair", "--data", root, "--out", out, "--ensemble", 1]
+    assert run(argv, capsys)[0] == 130
+    monkeypatch.setattr(spair, "match", real)
+    f = sorted((root / "PairAnnotation" / "test").iterdir())[0]
+    d = json.loads(f.read_text())
+    d["trg_kps"][0] = [1, 1]
+    f.write_text(json.dumps(d))
+    rc, _, err = run(argv, capsys)
+    assert rc == 2 and "\n" not in err and "inputs" in err and "delete" in err and not out.exists(), err
+
+
 @pytest.mark.parametrize("field, value, says", [
     ("src_kps", [[-1, 5], [40, 30], [79, 59]], "inside the"), ("src_kps", [[10, 10, 1], [40, 30], [79, 59]], "[x, y]"),
     ("src_kps", [["a", 1], [40, 30], [79, 59]], "[x, y]"), ("trg_bndbox", [0, 0, 5], "x2 > x1"),

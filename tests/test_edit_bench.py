@@ -143,6 +143,50 @@ def test_rows_in_order_and_resume(data, tmp_path, monkeypatch):
     assert not os.path.exists(bench_cli.partial_path(out))
 
 
+def test_a_log_of_other_settings_or_with_bad_rows_is_refused(data, tmp_path, monkeypatch, capsys):
+    """A resume log records every setting that changes a row and a fingerprint of the inputs; one written
+    with other settings (here another step count, or the same settings after an image changed) or
+    holding a row without all its metrics is refused in one line that says how to start afresh, and
+    nothing is written (it used to be reused: other results, or empty CSV cells)."""
+    import json
+    import shutil
+    from sdlens.editbench.pie import read_benchmark
+    data = str(shutil.copytree(data, tmp_path / "pie"))  # an image of it changes below
+    out = str(tmp_path / "r.csv")
+    log = bench_cli.partial_path(out)
+    monkeypatch.setenv(bench_cli.TEST_HOOK, "3")
+    assert main(args(data, out)) == 130
+    monkeypatch.delenv(bench_cli.TEST_HOOK)
+    capsys.readouterr()
+    kept = read(log)
+
+    def refused(argv, says):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err and f"delete {log}" in err, err
+        assert read(log) == kept and not os.path.exists(out)
+
+    other = args(data, out)
+    other[other.index("--steps") + 1] = "2"
+    refused(other, "steps")
+    lines = kept.decode().splitlines()
+    row = json.loads(lines[1])
+    del row["psnr_unedit_part"]
+    with open(log, "w") as f:
+        f.write("\n".join([lines[0], json.dumps(row)] + lines[2:]) + "\n")
+    kept = read(log)
+    refused(args(data, out), "line 2")
+    with open(log, "wb") as f:  # the original log back, then an input image changes
+        f.write(b"\n".join(l.encode() for l in lines) + b"\n")
+    kept = read(log)
+    path = os.path.join(data, "annotation_images", read_benchmark(str(data), 2)[0].image_path)
+    from PIL import Image
+    im = Image.open(path).convert("RGB")
+    im.putpixel((0, 0), (0, 0, 0) if im.getpixel((0, 0)) != (0, 0, 0) else (255, 255, 255))
+    im.save(path)
+    refused(args(data, out), "inputs")
+
+
 def test_torchrun_two_processes_match_one(data, tmp_path):
     """torchrun --nproc_per_node=2 (gloo on CPU) merges into the CSV of a single process, byte for byte."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
