@@ -89,6 +89,11 @@ def parser():
     d.add_argument("--seed", type=seed, default=0, help="0 to 2**63-1")
     d.add_argument("--steps", type=positive, default=50, help="DDIM steps")
 
+    x = sub.add_parser("explore", help="an attention explorer page (one self-contained index.html) for a prompt")
+    add_model_args(x)
+    x.add_argument("--prompt", required=True)
+    add_sampling_args(x, "folder for index.html (open it in a browser; no server, nothing fetched)")
+
     h = sub.add_parser("hooks", help="list the hook points with their kinds, places and shapes")
     add_model_args(h)
     h.add_argument("--height", type=positive, default=None, help="image height, multiple of 8 (default: the model's size)")
@@ -211,6 +216,15 @@ def cmd_demo(args):
     print(os.path.abspath(args.out))
 
 
+def cmd_explore(args):
+    preflight(args, ["index.html"])
+    from .explore import explore
+    sd = load_model(args)
+    path = explore(sd, args.prompt, args.out, steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                   force=args.force, progress=True)
+    print(f"{path} ({os.path.getsize(path) / 1e6:.1f} MB): open it in a browser")
+
+
 def cmd_hooks(args):
     check_device(args.device)
     sd = load_model(args)
@@ -220,7 +234,7 @@ def cmd_hooks(args):
     print(sd.unet.describe(height // f, width // f))
 
 
-COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "p2p": cmd_p2p, "pnp": cmd_pnp, "masactrl": cmd_masactrl,
+COMMANDS = {"generate": cmd_generate, "demo": cmd_demo, "explore": cmd_explore, "p2p": cmd_p2p, "pnp": cmd_pnp, "masactrl": cmd_masactrl,
             "features": features_cli.run, "hooks": cmd_hooks, "edit-bench": editbench_cli.run,
             **{name: methods_cli.run for name in methods_cli.COMMANDS}}
 

@@ -129,6 +129,9 @@ def test_demo_page_references_every_image(tiny, tmp_path):
     pngs = sorted(n for n in os.listdir(out) if n.endswith(".png"))
     assert srcs and all(os.path.isfile(os.path.join(out, s)) for s in srcs)
     assert set(pngs) - {"generate_grid.png"} <= set(srcs)  # every picture is on the page (the grid is named)
-    # generate, 3 P2P, PnP, MasaCtrl, FreeU, PAG, StyleAligned, Attend-and-Excite, PCA, correspondence, probes
-    assert html.count("<section>") == html.count("Look for:") == 13
-    assert demo.summary(out, seconds).startswith(f"sdlens demo: wrote {len(pngs) + 1} files ({len(pngs)} PNG, index.html)")
+    # generate, 3 P2P, PnP, MasaCtrl, FreeU, PAG, StyleAligned, Attend-and-Excite, explorer, PCA, correspondence,
+    # probes
+    assert html.count("<section>") == html.count("Look for:") == 14
+    assert "explore.html" in html and os.path.isfile(os.path.join(out, "explore.html"))
+    assert demo.summary(out, seconds).startswith(
+        f"sdlens demo: wrote {len(pngs) + 2} files ({len(pngs)} PNG, explore.html, index.html)")

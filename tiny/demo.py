@@ -191,8 +191,9 @@ def _run(sd, save, seed, steps, guidance):
     bar.update()
     panels.append(masactrl_panel(sd, save, steps))
     bar.update()
-    from .demo_methods import panels as method_panels
+    from .demo_methods import explore_panel, panels as method_panels
     panels += method_panels(sd, save, seed, steps, guidance)
+    panels.append(explore_panel(sd, save, seed, guidance))
     bar.update()
     panels.append(correspondence_panel(sd, save))
     bar.update()

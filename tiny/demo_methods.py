@@ -71,3 +71,23 @@ def panels(sd, save, seed, steps, guidance):
                          "square) and seed 3 barely changes.",
                     images=[("attend_excite.png", "plain (top) | Attend-and-Excite (bottom)")]))
     return out
+
+
+EXPLORE_PROMPT, EXPLORE_STEPS = "a big red circle on the left", 20
+
+
+def explore_panel(sd, save, seed, guidance):
+    """explore.html: the attention explorer for one prompt (20 steps keep it near 1 MB)."""
+    from ..explore import build
+    from ..outputs import Text
+    save(Text(build(sd, EXPLORE_PROMPT, steps=EXPLORE_STEPS, guidance_scale=guidance, seed=seed, progress=False)),
+         "explore.html")
+    save(sd.generate(EXPLORE_PROMPT, steps=EXPLORE_STEPS, guidance_scale=guidance, seed=seed, progress=False)[0],
+         "explore_image.png")
+    return dict(title="Attention explorer (explore.html)", method="python -m sdlens explore --prompt ... --out DIR: "
+                "one self-contained page, no server", prompt=EXPLORE_PROMPT,
+                settings=f"seed {seed}, {EXPLORE_STEPS} steps, guidance {guidance}",
+                look="open explore.html: pick a word to see its cross-attention over the image of each step (the "
+                     "step's predicted x0), move the step slider, pick a layer or all layers of a resolution, "
+                     "switch to self-attention and click a pixel to see where it attends.",
+                images=[("explore_image.png", EXPLORE_PROMPT)], small=True)
