@@ -58,6 +58,17 @@ def positive(text):
     return n
 
 
+def at_most(limit, why):
+    """A positive whole number of at most `limit`: a bound on a count that would otherwise run without
+    end or die in the allocator (`why` says where the limit comes from)."""
+    def check(text):
+        n = positive(text)
+        if n > limit:
+            raise argparse.ArgumentTypeError(f"{text} is more than {limit} ({why})")
+        return n
+    return check
+
+
 def natural(text):
     try:
         n = int(text)

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..cli import add_model_args, check_inputs_kept, finite, load_model, model_files, natural, positive
+from ..cli import add_model_args, at_most, check_inputs_kept, finite, load_model, model_files, natural, positive
 from ..outputs import Staged, Text, check_target, fingerprint, read_resume_log
 from . import run as bench
 
@@ -40,7 +40,8 @@ def add_parser(sub):
                    help="overwrite --out (never an input); with --make-tiny, replace PIE-tiny's files in a non-empty "
                         "DIR, keeping every other file")
     e.add_argument("--make-tiny", metavar="DIR", help="write PIE-tiny, a small PIE-format set, to DIR and exit")
-    e.add_argument("--items", type=positive, default=64, help="--make-tiny: number of items, the 4 edit types in turn")
+    e.add_argument("--items", type=at_most(4096, "PIE-Bench itself has 700 images"), default=64,
+                   help="--make-tiny: number of items, the 4 edit types in turn (at most 4096)")
     e.add_argument("--tiny-seed", type=natural, default=0, help="--make-tiny: seed of the rendered scenes")
 
 

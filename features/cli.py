@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from ..cli import add_model_args, check_inputs_kept, fraction, load_model, model_files, positive, preflight, seed
+from ..cli import add_model_args, at_most, check_inputs_kept, fraction, load_model, model_files, positive, preflight, seed
 from ..outputs import Interrupted, Staged, Text, csv_text, fingerprint, read_resume_log
 
 
@@ -30,7 +30,8 @@ def add_parser(sub):
     add_model_args(sw)
     sw.add_argument("--task", choices=TASKS, default="segmentation",
                     help="per-pixel classes of rendered tiny scenes: background, circle, square, triangle, star")
-    sw.add_argument("--scenes", type=positive, default=32, help="training scenes, and as many held-out test scenes")
+    sw.add_argument("--scenes", type=at_most(1024, "the probes hold every scene's features in memory"), default=32,
+                    help="training scenes, and as many held-out test scenes (at most 1024)")
     sw.add_argument("--t", type=timestep, nargs="+", default=list(SWEEP_T), help="timesteps, each 0 to 999")
     sw.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(DEFAULT_KINDS), metavar="KIND",
                     help=f"activation kinds to probe, of: {', '.join(KINDS)}")
@@ -82,10 +83,12 @@ def timestep(text):
 
 
 def add_dift_args(p, ensemble):
+    from .extract import ENSEMBLE_MAX
     p.add_argument("--layer", default=None, help="hook point (default: DIFT's up_ft_index, 1 on SD and 0 on SDXL: "
                                                  "features.layers.dift_layer)")
     p.add_argument("--t", type=timestep, default=261, help="timestep (DIFT: 261)")
-    p.add_argument("--ensemble", type=positive, default=ensemble, help="noise draws averaged (DIFT: 8)")
+    p.add_argument("--ensemble", type=at_most(ENSEMBLE_MAX, "DIFT uses 8; each draw is one more UNet row per image"),
+                   default=ensemble, help=f"noise draws averaged (DIFT: 8; at most {ENSEMBLE_MAX})")
     p.add_argument("--seed", type=seed, default=0, help="of the noise draws")
 
 

@@ -87,6 +87,9 @@ def to_spatial(value: torch.Tensor, info, latent_hw) -> torch.Tensor:
     return rearrange(value, "b a (h w) d -> b (a d) h w", h=h)  # q, k, v: head by head
 
 
+ENSEMBLE_MAX = 256  # a bound on the noise draws per image (DIFT uses 8): beyond it, an allocator failure
+
+
 def check_timestep(sd, t) -> int:
     T = sd.scheduler.num_train_timesteps
     return whole("t", t, 0, T - 1, f" (a timestep; DIFT uses {DIFT_T})")
@@ -152,8 +155,8 @@ def extract(sd, images, names: Union[str, Sequence[str]], *, t: int = DIFT_T, pr
     """
     names = check_names(sd, names)
     t = check_timestep(sd, t)
-    for arg, v in (("ensemble", ensemble), ("max_rows", max_rows)):
-        whole(arg, v, 1)
+    whole("ensemble", ensemble, 1, ENSEMBLE_MAX, " (DIFT uses 8; each draw is one more UNet row per image)")
+    whole("max_rows", max_rows, 1)
     if inversion not in (None, "ddim"):
         raise ValueError(f"inversion must be None (forward-process noise, as DIFT) or 'ddim', got {inversion!r}")
     if posterior not in ("sample", "mean"):

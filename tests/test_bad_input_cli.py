@@ -344,3 +344,22 @@ def test_ctrl_c(sd1_fixture, tmp_path):
     assert rc == 130 and "Traceback" not in text and text.strip().splitlines()[-1].strip().endswith(
         "interrupted: nothing was written"), text
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["edit-bench", "--make-tiny", "OUT", "--items", "1000000000"], "more than 4096"),
+    (["features", "sweep", "--scenes", "1000000000", "--out", "OUT"], "more than 1024"),
+    (["features", "correspond", "--image", "a.png", "--points", "1,1", "--target", "b.png", "--ensemble", "1000000000",
+      "--out", "OUT"], "more than 256"),
+])
+def test_unbounded_sizes_are_refused_at_once(tmp_path, capsys, argv, says):
+    """Counts that ran without end or died in the allocator are bounded, before anything runs."""
+    from sdlens.__main__ import main
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and says in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -113,7 +113,7 @@ def test_ddim_inversion_lands_on_the_sampler_inversion(pair):
     (dict(names=[]), "non-empty list"),
     (dict(t=1000), "t must be a whole number from 0 to 999"),
     (dict(t=2.5), "t must be"),
-    (dict(ensemble=0), "ensemble must be a whole number >= 1"),
+    (dict(ensemble=0), "ensemble must be a whole number from 1 to 256"),
     (dict(inversion="ddim", ensemble=4), "ensemble must be 1 with inversion='ddim'"),
     (dict(inversion="null-text"), "inversion must be None"),
     (dict(posterior="mode"), "posterior must be"),
