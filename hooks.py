@@ -13,12 +13,15 @@ context: the sampler sets it with `model.step_context(ctx)`, which always restor
 Every point also knows where it is (`model.hook_info(name)`: place, block, level, kind), recorded
 when the model is built. Code that picks layers asks that, never the name's spelling.
 """
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch import nn
+
+from .checks import kind
 
 
 @dataclass
@@ -224,6 +227,9 @@ class HookedModule(nn.Module):
         return self._hook_points[name]
 
     def _select(self, sel: Selector) -> List[HookPoint]:
+        if not (isinstance(sel, str) or callable(sel)):
+            raise TypeError(f"a hook point selector must be a hook point name or a predicate on names, "
+                            f"not {kind(sel)}; see model.hook_names()")
         if callable(sel):
             found = [hp for n, hp in self._hook_points.items() if sel(n)]
         else:
@@ -233,6 +239,12 @@ class HookedModule(nn.Module):
     @contextmanager
     def hooks(self, fwd_hooks: Dict[Selector, Callable]):
         """`with model.hooks({name_or_predicate: fn}):` attach, run, always detach."""
+        if not isinstance(fwd_hooks, Mapping):
+            raise TypeError(f"fwd_hooks must be a dict {{hook point name or predicate: fn(value, hook)}}, "
+                            f"not {kind(fwd_hooks)}")
+        for sel, fn in fwd_hooks.items():  # checked before any is attached: else the error comes mid-forward
+            if not callable(fn):
+                raise TypeError(f"the hook function for {sel!r} must be callable as fn(value, hook), not {kind(fn)}")
         attached = []
         try:
             for sel, fn in fwd_hooks.items():

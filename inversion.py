@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .checks import whole
+from .checks import instance, model, number, path as check_path, string, whole
 from .schedulers import alphas_cumprod, classifier_free_guidance, ddim_step, invert, timesteps
 
 METHODS = ("ddim", "null-text", "negative-prompt", "direct")
@@ -67,6 +67,14 @@ def null_text(sd, zs, prompt, guidance_scale=7.5, inner_steps=10, early_stop=1e-
 
     `progress`: a bar over the steps whose postfix counts the inner Adam steps and shows the loss
     (each inner step is a UNet forward and backward pass, up to `inner_steps` of them per step)."""
+    model("sd", sd)
+    string("prompt", prompt)
+    number("guidance_scale", guidance_scale)  # NaN gave NaN embeddings
+    whole("inner_steps", inner_steps, 1)
+    number("early_stop", early_stop, 0)
+    instance("zs", zs, (list, tuple), "the inversion's latents [z_0, ..., z_T] (ddim_latents)")
+    if len(zs) < 2:
+        raise ValueError(f"zs must hold at least z_0 and z_T, got {len(zs)} latents")
     steps = len(zs) - 1
     cfg, acp, ts = sd.scheduler, alphas_cumprod(sd.scheduler), timesteps(sd.scheduler, steps)
     ratio = cfg.num_train_timesteps // steps
@@ -119,10 +127,15 @@ def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5,
     edit will use (null-text optimises for it; official 7.5). `progress`: tqdm bars on stderr
     (null-text, with its inner optimisation, is the slow one: about 20 s at 50 steps on sdlens-tiny
     on 2 CPU cores, see the README's benchmarks)."""
+    model("sd", sd)
+    string("prompt", prompt)
     if method not in METHODS:
         raise ValueError(f"inversion {method!r} is unknown; use one of {', '.join(METHODS)}")
+    number("guidance_scale", guidance_scale)
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image, sd=sd)
+    from .pipeline import to_tensor
+    image = to_tensor(image, batch=1)  # one image: its shape and finite values checked here, where it enters
     zs = ddim_latents(sd, image, prompt, steps, progress)
     if method == "null-text":
         with torch.enable_grad():
@@ -148,6 +161,9 @@ def load_image(path, size=None, *, sd=None):
     """
     import numpy as np
     from PIL import Image, ImageOps
+    check_path("path", path)
+    if sd is not None:
+        model("sd", sd)
     if size is None:
         if sd is None:
             raise TypeError("load_image() needs the model, load_image(path, sd=sd), to resize to its own size "
@@ -205,6 +221,8 @@ def keep_sampling_latents(sd, zs, steps):
 def inversion_latents(sd, image, prompt="", steps=50, inversion_steps=None, progress=False):
     """DDIM inversion with `prompt` (empty by default) at w = 1, in `inversion_steps` steps (default
     `steps`); returns the steps + 1 latents at the sampling timesteps [z_0, z_{t_1}, ..., z_{t_N}]."""
+    model("sd", sd)
+    string("prompt", prompt)
     inversion_steps = steps if inversion_steps is None else inversion_steps
     check_inversion_steps(sd, steps, inversion_steps)
     z0 = sd.encode_image(image).to(sd.latent_dtype)

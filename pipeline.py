@@ -15,7 +15,7 @@ from .hooks import StepContext
 from .schedulers import DDIMConfig, classifier_free_guidance, sample, sample_euler_ancestral
 from .schedulers.ddim import check_eta
 from .unet.model import pack_added_cond
-from .checks import whole
+from .checks import finite_tensor, kind, tensor_shape, whole
 
 SAMPLERS = ("ddim", "euler_ancestral")
 
@@ -152,7 +152,8 @@ class StableDiffusion:
     def encode_image(self, image) -> torch.Tensor:
         """PIL image(s) or a [B,3,H,W] tensor in [0,1] -> diffusion-space latents [B, 4, H/f, W/f]
         (posterior mean x scaling factor; f = `latent_factor`, 8 for SD, 4 for sdlens-tiny). H and W
-        must be multiples of f; far from `default_size` a warning says so (`load_image(path, sd=sd)`)."""
+        must be multiples of f; far from `default_size` a warning says so (`load_image(path, sd=sd)`).
+        A tensor with NaN or inf, or of another shape, is refused (ValueError naming `image`)."""
         x = to_tensor(image).to(self.device, torch.float32)
         f = self.latent_factor
         if x.shape[-1] % f or x.shape[-2] % f:
@@ -244,7 +245,7 @@ class StableDiffusion:
         if seed is not None and not _is_int(seed):
             raise TypeError(f"seed must be an integer or None, not {seed!r}")
         if latents is not None and not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor, not {type(latents).__name__}")
+            raise TypeError(f"latents must be a torch.Tensor, not {kind(latents)}")
         b = len(prompts)
         uncond = self.encode_negative(negative_prompt, b, (height, width))  # checks it even without guidance
         cond = self.encode_prompt(prompts, (height, width))
@@ -256,6 +257,8 @@ class StableDiffusion:
             latents = torch.randn(shape, generator=generator)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        else:
+            finite_tensor("latents", latents)  # NaN noise samples a flat image without complaint
         x = latents.to(self.device, self.latent_dtype)
         denoise = (denoiser or self.denoiser)(context, guidance_scale, steps)
         if sampler == "ddim":
@@ -276,19 +279,28 @@ def _strings(x, name):
     """A string or a non-empty list of strings -> a list; else an error naming the argument."""
     xs = [x] if isinstance(x, str) else x
     if not isinstance(xs, (list, tuple)) or not all(isinstance(p, str) for p in xs):
-        raise TypeError(f"{name} must be a string or a list of strings, not {type(x).__name__}")
+        raise TypeError(f"{name} must be a string or a list of strings, not {kind(x)}")
     if not xs:
         raise ValueError(f"{name} is an empty list; give a string or at least one")
     return list(xs)
 
 
-def to_tensor(image) -> torch.Tensor:
-    """PIL image / list of them / [B,3,H,W] or [3,H,W] tensor in [0,1] -> [B,3,H,W] float."""
+def to_tensor(image, batch=None) -> torch.Tensor:
+    """PIL image / list of them / [B,3,H,W] or [3,H,W] tensor in [0,1] -> [B,3,H,W] float. `batch`: the B
+    required (None: any). A tensor of another shape, not floating point, or with NaN or inf is refused,
+    naming `image`, here where it enters rather than as an error from inside the VAE's convolutions."""
+    expected = f"[{'B' if batch is None else batch}, 3, H, W] (or [3, H, W])"
     if isinstance(image, torch.Tensor):
-        return image[None] if image.ndim == 3 else image
+        x = image[None] if image.ndim == 3 else image
+        tensor_shape("image", x, (batch, 3, None, None), expected)
+        if not x.is_floating_point():
+            raise TypeError(f"image must be a floating-point tensor in [0, 1], not {x.dtype} (e.g. x.float() / 255)")
+        return finite_tensor("image", x)
     images = image if isinstance(image, (list, tuple)) else [image]
     if not images or not all(isinstance(im, Image.Image) for im in images):
-        raise TypeError(f"image must be a PIL image, a list of them or a [B,3,H,W] tensor, not {type(image).__name__}")
+        raise TypeError(f"image must be a PIL image, a list of them or a [B,3,H,W] tensor, not {kind(image)}")
+    if batch is not None and len(images) != batch:
+        raise ValueError(f"image must be {batch} PIL image(s), got {len(images)}")
     arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
     # contiguous: a channels-last view sends CPU convolutions down a less accurate path
     # (2.4e-5 vs 1.4e-6 against float64 on the VAE encoder)

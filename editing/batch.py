@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..checks import number
+from ..checks import finite_tensor, instance, number, tensor_shape
 from ..hooks import StepContext
 from ..pipeline import uses_guidance
 from ..schedulers import classifier_free_guidance
@@ -25,14 +25,21 @@ from ..inversion import Inversion
 def start_noise(sd, n, *, steps, seed=None, latents=None, inversion: Optional[Inversion] = None, height=None,
                 width=None):
     """x_T for n rows: `inversion.latents[-1]` (a real image), else `latents` ([1 or n, C, h, w]), else
-    drawn from `seed` (an int, or None for fresh noise) at `height` x `width` (default the model's size)."""
+    drawn from `seed` (an int, or None for fresh noise) at `height` x `width` (default the model's size).
+    The Python API's checks for both editors: an `inversion` that is not an `Inversion` is a TypeError,
+    `latents` of another shape or with NaN or inf a ValueError, each naming the argument."""
     if inversion is not None:
+        instance("inversion", inversion, Inversion, "an Inversion (from invert_image) or None")
         if inversion.steps != steps:
             raise ValueError(f"the inversion has {inversion.steps} steps, the edit {steps}; use the same number")
         x = inversion.latents[-1].expand(n, -1, -1, -1).clone()
     elif latents is not None:
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] not in (1, n):
-            raise ValueError(f"latents must be a [1 or {n}, C, h, w] tensor, not {getattr(latents, 'shape', latents)!r}")
+        c = sd.unet.cfg.in_channels
+        expected = f"[1 or {n}, {c}, h, w]"
+        tensor_shape("latents", latents, (None, c, None, None), expected)
+        if latents.shape[0] not in (1, n):
+            raise ValueError(f"latents must be a {expected} tensor, got shape {tuple(latents.shape)}")
+        finite_tensor("latents", latents)
         x = latents.expand(n, -1, -1, -1).clone() if latents.shape[0] == 1 else latents
     else:
         height, width = sd.check_size(height, width)

@@ -64,7 +64,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..checks import fraction, whole
+from ..checks import fraction, model, string, whole
 from ..schedulers import sample
 from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
 from .patch import Patch, apply, select
@@ -133,9 +133,9 @@ class MasaCtrl:
         (SD: 10, the official; SDXL: 64, one of the official 44, 54, 64; sdlens-tiny: 5).
         `mask_word`: mask-guided MasaCtrl; a word of both prompts, or (source word, target word),
         e.g. ("circle", "star"). `mask_threshold`: the cut of the normalised maps (official 0.1)."""
+        model("sd", sd)
         for name, p in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
-            if not isinstance(p, str):
-                raise TypeError(f"{name} must be a string, not {type(p).__name__}")
+            string(name, p)
         self.steps = whole("steps", steps, 1, sd.scheduler.num_train_timesteps - sd.scheduler.steps_offset)
         self.start_step = whole("start_step", start_step, 0, steps, f" ({steps}: no step edited)")
         self.layers = self_attention_layers(sd)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import math
 
-from ..checks import whole
+from ..checks import model, string, whole
 from ..schedulers import sample
 from .attention_store import AttentionStore, Size, as_hw, default_map_size
 from .batch import batch_denoiser, check_guidance, follow_inversion, start_noise
@@ -173,10 +173,14 @@ class PromptToPrompt:
         dict of them per word with "default_". `self_replace_steps`: a fraction or a pair, for maps
         of at most `self_max_size`^2 queries (a side, or an (h, w) pair: h w queries; None: the
         model's `default_map_size`, 16 on SD as the official code, 1/32 of the image on SDXL)."""
+        model("sd", sd)
+        string("source", source)
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is unknown; use one of {', '.join(MODES)}")
         if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
             raise TypeError(f"targets must be a list of prompts (empty: reconstruct the source), not {targets!r}")
+        for i, t in enumerate(targets):
+            string(f"targets[{i}]", t)
         if mode == "reweight" and not equalize:
             raise ValueError("mode 'reweight' needs word weights, e.g. equalize={'car': 2.0}")
         whole("steps", steps, 1, sd.scheduler.num_train_timesteps)

@@ -40,7 +40,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from ..checks import fraction, number
+from ..checks import finite_tensors, fraction, instance, model, number, string, tensor_shape
 from ..features.layers import FEATURE_LAYERS, SDXL_FIRST_BLOCK, default_feature_layers  # noqa: F401 (re-exported)
 from ..hooks import StepContext
 from ..inversion import (INVERSION_STEPS, check_inversion_steps, inversion_latents,  # noqa: F401 (re-exported)
@@ -141,6 +141,19 @@ def pnp_denoiser(sd, zs, context, neg, alpha_schedule, alpha, guidance_scale, st
     return denoise
 
 
+def check_guidance_latents(sd, latents):
+    """`latents`: a list of [1, C, h, w] tensors of one shape, finite (checked once, here where they enter:
+    a wrong one was an error from inside the UNet, or a batch of 2 was accepted)."""
+    instance("latents", latents, (list, tuple), "a list of [1, C, h, w] latents (inversion_latents) or None")
+    if len(latents) < 2:
+        raise ValueError(f"latents must hold at least z_0 and one noisier latent, got {len(latents)}")
+    c = sd.unet.cfg.in_channels
+    first = tensor_shape("latents[0]", latents[0], (1, c, None, None), f"[1, {c}, h, w]")
+    for i, z in enumerate(latents[1:], 1):
+        tensor_shape(f"latents[{i}]", z, tuple(first.shape), f"[{', '.join(map(str, first.shape))}] (as latents[0])")
+    finite_tensors("latents", latents)
+
+
 @torch.no_grad()
 def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negative_prompt=None, alpha=0.0,
               alpha_schedule="constant", feature_injection=0.8, attention_injection=0.5,
@@ -162,6 +175,11 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     `feature_layers`, `attention_layers`: None for the defaults (SD: decoder layer 4 and 4-11, the
     official ones; SDXL: our choice, see SDXL_FIRST_BLOCK).
     `progress`: tqdm bars on stderr for the inversion and the sampling."""
+    model("sd", sd)
+    for name, value in (("prompt", prompt), ("inversion_prompt", inversion_prompt), ("source_prompt", source_prompt)):
+        string(name, value)
+    if negative_prompt is not None:
+        string("negative_prompt", negative_prompt)
     for name, value in (("alpha", alpha), ("feature_injection", feature_injection),
                         ("attention_injection", attention_injection)):
         fraction(name, value)
@@ -172,6 +190,7 @@ def translate(sd, image, prompt, *, inversion_prompt="", source_prompt="", negat
     if latents is None:
         check_inversion_steps(sd, steps, inversion_steps)
     else:
+        check_guidance_latents(sd, latents)
         check_inversion_steps(sd, steps, len(latents) - 1, f"the guidance latents' step count")
     attention_layers = decoder_self_attention(sd) if attention_layers is None else attention_layers
     feature_layers = default_feature_layers(sd) if feature_layers is None else feature_layers

@@ -257,3 +257,189 @@ def test_to_tensor_is_contiguous():
     from sdlens.pipeline import to_tensor
     x = to_tensor(Image.new("RGB", (24, 16)))
     assert x.shape == (1, 3, 16, 24) and x.stride() == (3 * 16 * 24, 16 * 24, 24, 1)
+
+
+# ---- the Python API's bad-input classes: each case gave no error, a flat or NaN result, or an
+# AttributeError / RuntimeError from deep inside torch; now one line naming the argument ----
+NAN, INF = float("nan"), float("inf")
+
+
+def _z(*shape, fill=None):
+    z = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    return z if fill is None else z.fill_(fill)
+
+
+def _img(*shape, fill=None):
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    return x if fill is None else x.fill_(fill)
+
+
+def _p2p(sd, **kw):
+    from sdlens.editing import PromptToPrompt
+    return PromptToPrompt(sd, "a red circle", ["a blue circle"], steps=2).run(progress=False, **kw)
+
+
+def _masa(sd, **kw):
+    from sdlens.editing.masactrl import MasaCtrl
+    return MasaCtrl(sd, "a red circle", "a blue circle", steps=2, start_step=1).run(progress=False, **kw)
+
+
+def _pnp(sd, latents, **kw):
+    from sdlens.editing.pnp import translate
+    return translate(sd, None, "a blue circle", steps=2, latents=latents, progress=False, **kw)
+
+
+def _invert(sd, image, prompt="a red circle", **kw):
+    from sdlens.editing import invert_image
+    return invert_image(sd, image, prompt, steps=2, progress=False, **kw)
+
+
+def _null_text(sd, guidance_scale):
+    from sdlens.inversion import ddim_latents, null_text
+    return null_text(sd, ddim_latents(sd, _img(1, 3, 64, 64), "a red circle", 2), "a red circle", guidance_scale,
+                     inner_steps=1)
+
+
+def _unet(sd, x, t=500, batch=None, cache=False):
+    context = sd.encode_prompt(["a red circle"] * (batch or (x.shape[0] if isinstance(x, torch.Tensor) else 1)))
+    return (sd.unet.run_with_cache if cache else sd.unet)(x, t, context)
+
+
+def _hooks(sd, fwd_hooks):
+    with sd.unet.hooks(fwd_hooks):
+        pass
+
+
+NON_FINITE = [
+    pytest.param(lambda sd: sd.generate("a red circle", steps=1, latents=_z(1, 4, 16, 16, fill=NAN), progress=False),
+                 "latents", id="generate-nan-latents"),  # gave a flat image
+    pytest.param(lambda sd: sd.generate("a red circle", steps=1, latents=_z(1, 4, 16, 16, fill=INF), progress=False),
+                 "latents", id="generate-inf-latents"),
+    pytest.param(lambda sd: _p2p(sd, latents=_z(1, 4, 16, 16, fill=NAN)), "latents", id="p2p-nan-latents"),
+    pytest.param(lambda sd: _p2p(sd, latents=_z(2, 4, 16, 16, fill=-INF)), "latents", id="p2p-inf-latents"),
+    pytest.param(lambda sd: _masa(sd, latents=_z(1, 4, 16, 16, fill=NAN)), "latents", id="masactrl-nan-latents"),
+    pytest.param(lambda sd: _masa(sd, latents=_z(2, 4, 16, 16, fill=INF)), "latents", id="masactrl-inf-latents"),
+    pytest.param(lambda sd: _pnp(sd, [_z(1, 4, 16, 16), _z(1, 4, 16, 16, fill=NAN), _z(1, 4, 16, 16)]),
+                 "latents", id="pnp-nan-latents"),
+    pytest.param(lambda sd: _pnp(sd, [_z(1, 4, 16, 16)] * 2 + [_z(1, 4, 16, 16, fill=INF)]),
+                 "latents", id="pnp-inf-latents"),
+    pytest.param(lambda sd: _invert(sd, _img(1, 3, 64, 64), method="null-text", guidance_scale=NAN),
+                 "guidance_scale", id="invert-null-text-nan-guidance"),  # gave NaN embeddings
+    pytest.param(lambda sd: _null_text(sd, NAN), "guidance_scale", id="null-text-nan-guidance"),
+    pytest.param(lambda sd: _null_text(sd, INF), "guidance_scale", id="null-text-inf-guidance"),
+    pytest.param(lambda sd: _invert(sd, _img(1, 3, 64, 64, fill=NAN)), "image", id="invert-nan-image"),
+    pytest.param(lambda sd: _invert(sd, _img(3, 64, 64, fill=INF)), "image", id="invert-inf-image"),
+    pytest.param(lambda sd: sd.encode_image(_img(1, 3, 64, 64, fill=NAN)), "image", id="encode-nan-image"),
+    pytest.param(lambda sd: sd.encode_image(_img(2, 3, 64, 64, fill=-INF)), "image", id="encode-inf-image"),
+    pytest.param(lambda sd: __import__("sdlens.editing.pnp").editing.pnp.translate(
+        sd, _img(1, 3, 64, 64, fill=NAN), "a blue circle", steps=2, inversion_steps=2, progress=False), "image",
+        id="pnp-nan-image"),
+    pytest.param(lambda sd: __import__("sdlens.inversion").inversion.inversion_latents(sd, _img(1, 3, 64, 64, fill=NAN),
+                                                                                        steps=2), "image",
+                 id="inversion-latents-nan-image"),
+]
+
+
+@pytest.mark.parametrize("call,name", NON_FINITE)
+def test_non_finite_data_is_refused_where_it_enters(tiny, call, name):
+    with pytest.raises(ValueError) as e:
+        call(tiny)
+    msg = one_line(e)
+    assert name in msg and ("NaN or inf" in msg or "finite" in msg), msg
+
+
+BAD_SHAPES = [  # (call, argument, shape given, shape expected)
+    pytest.param(lambda sd: _invert(sd, _img(64, 64)), "image", "(64, 64)", "[1, 3, H, W]", id="invert-2d-image"),
+    pytest.param(lambda sd: _invert(sd, _img(1, 1, 64, 64)), "image", "(1, 1, 64, 64)", "[1, 3, H, W]",
+                 id="invert-1-channel-image"),
+    pytest.param(lambda sd: _invert(sd, _img(1, 4, 64, 64)), "image", "(1, 4, 64, 64)", "[1, 3, H, W]",
+                 id="invert-4-channel-image"),
+    pytest.param(lambda sd: _invert(sd, _img(2, 3, 64, 64)), "image", "(2, 3, 64, 64)", "[1, 3, H, W]",
+                 id="invert-2-images"),
+    pytest.param(lambda sd: sd.encode_image(_img(1, 1, 64, 64)), "image", "(1, 1, 64, 64)", "[B, 3, H, W]",
+                 id="encode-1-channel-image"),
+    pytest.param(lambda sd: sd.encode_image(_img(1, 3, 64, 64, 1)), "image", "(1, 3, 64, 64, 1)", "[B, 3, H, W]",
+                 id="encode-5d-image"),
+    pytest.param(lambda sd: _pnp(sd, [_z(1, 3, 16, 16)] * 3), "latents[0]", "(1, 3, 16, 16)", "[1, 4, h, w]",
+                 id="pnp-3-channel-latents"),
+    pytest.param(lambda sd: _pnp(sd, [_z(2, 4, 16, 16)] * 3), "latents[0]", "(2, 4, 16, 16)", "[1, 4, h, w]",
+                 id="pnp-batch-2-latents"),  # was accepted
+    pytest.param(lambda sd: _pnp(sd, [_z(1, 4, 16, 16), _z(1, 4, 8, 8), _z(1, 4, 16, 16)]), "latents[1]",
+                 "(1, 4, 8, 8)", "[1, 4, 16, 16]", id="pnp-mixed-size-latents"),
+    pytest.param(lambda sd: _pnp(sd, [_z(4, 16, 16)] * 3), "latents[0]", "(4, 16, 16)", "[1, 4, h, w]",
+                 id="pnp-3d-latents"),
+    pytest.param(lambda sd: _p2p(sd, latents=_z(1, 3, 16, 16)), "latents", "(1, 3, 16, 16)", "4, h, w]",
+                 id="p2p-3-channel-latents"),
+    pytest.param(lambda sd: _masa(sd, latents=_z(1, 8, 16, 16)), "latents", "(1, 8, 16, 16)", "4, h, w]",
+                 id="masactrl-8-channel-latents"),
+    pytest.param(lambda sd: sd.generate("a", steps=1, latents=_z(1, 3, 16, 16), progress=False), "latents",
+                 "(1, 3, 16, 16)", "(1, 4, 16, 16)", id="generate-3-channel-latents"),
+]
+for _cache in (False, True):
+    _how = "run_with_cache" if _cache else "unet"
+    BAD_SHAPES += [
+        pytest.param(lambda sd, c=_cache: _unet(sd, _z(1, 3, 16, 16), cache=c), "x", "(1, 3, 16, 16)",
+                     "[B, 4, h, w]", id=f"{_how}-3-channel-z"),
+        pytest.param(lambda sd, c=_cache: _unet(sd, _z(4, 16, 16), batch=1, cache=c), "x", "(4, 16, 16)",
+                     "[B, 4, h, w]", id=f"{_how}-3d-z"),
+        pytest.param(lambda sd, c=_cache: _unet(sd, _z(2, 4, 16, 16), batch=1, cache=c), "x", "(2, 4, 16, 16)",
+                     "context", id=f"{_how}-z-batch-not-context-batch"),
+        pytest.param(lambda sd, c=_cache: _unet(sd, _z(2, 4, 16, 16), t=torch.tensor([500, 400, 300]), cache=c),
+                     "t", "(3,)", "2", id=f"{_how}-t-batch-3-for-2"),
+    ]
+
+
+@pytest.mark.parametrize("call,name,given,expected", BAD_SHAPES)
+def test_wrong_shapes_are_refused_at_the_entry_point(tiny, call, name, given, expected):
+    """Each was a RuntimeError from conv2d, group_norm or attention (or was accepted)."""
+    with pytest.raises(ValueError) as e:
+        call(tiny)
+    msg = one_line(e)
+    assert name in msg and given in msg and expected in msg, msg
+
+
+def _editors():
+    from sdlens.editing import PromptToPrompt
+    from sdlens.editing.masactrl import MasaCtrl
+    return PromptToPrompt, MasaCtrl
+
+
+NONE_OR_WRONG_OBJECT = [
+    pytest.param(lambda sd: _editors()[0](None, "a red circle", ["a blue circle"]), "sd", id="p2p-sd-none"),
+    pytest.param(lambda sd: _editors()[0](sd, None, ["a blue circle"]), "source", id="p2p-source-none"),
+    pytest.param(lambda sd: _editors()[0](sd, "a red circle", [None]), "targets[0]", id="p2p-target-none"),
+    pytest.param(lambda sd: _editors()[1](None, "a red circle", "a blue circle"), "sd", id="masactrl-sd-none"),
+    pytest.param(lambda sd: _editors()[1](sd, "a red circle", None), "target_prompt", id="masactrl-target-none"),
+    pytest.param(lambda sd: sd.generate(None, steps=1, progress=False), "prompt", id="generate-prompt-none"),
+    pytest.param(lambda sd: _p2p(sd, inversion="inversion.pt"), "inversion", id="p2p-inversion-str"),
+    pytest.param(lambda sd: _p2p(sd, inversion=[_z(1, 4, 16, 16)] * 3), "inversion", id="p2p-inversion-list"),
+    pytest.param(lambda sd: _masa(sd, inversion="inversion.pt"), "inversion", id="masactrl-inversion-str"),
+    pytest.param(lambda sd: _hooks(sd, None), "fwd_hooks", id="hooks-none"),
+    pytest.param(lambda sd: _hooks(sd, {"out.hook_out": None}), "hook function", id="hooks-fn-none"),
+    pytest.param(lambda sd: _hooks(sd, {None: lambda x, h: None}), "hook point selector", id="hooks-selector-none"),
+    pytest.param(lambda sd: __import__("sdlens.inversion").inversion.load_image(None, 64), "path",
+                 id="load-image-none"),
+    pytest.param(lambda sd: __import__("sdlens.inversion").inversion.load_image(None, sd=sd), "path",
+                 id="load-image-none-sd"),
+    pytest.param(lambda sd: __import__("sdlens.inversion").inversion.load_image("x.png", sd="tiny"), "sd",
+                 id="load-image-sd-str"),
+    pytest.param(lambda sd: _invert(None, _img(1, 3, 64, 64)), "sd", id="invert-sd-none"),
+    pytest.param(lambda sd: _invert(sd, _img(1, 3, 64, 64), prompt=None), "prompt", id="invert-prompt-none"),
+    pytest.param(lambda sd: _pnp(None, [_z(1, 4, 16, 16)] * 3), "sd", id="pnp-sd-none"),
+    pytest.param(lambda sd: __import__("sdlens.editing.pnp").editing.pnp.translate(
+        sd, None, None, steps=2, latents=[_z(1, 4, 16, 16)] * 3, progress=False), "prompt", id="pnp-prompt-none"),
+    pytest.param(lambda sd: _pnp(sd, "latents.pt"), "latents", id="pnp-latents-str"),
+    pytest.param(lambda sd: _unet(sd, None, batch=1), "x", id="unet-x-none"),
+    pytest.param(lambda sd: _unet(sd, _z(1, 4, 16, 16), t=None), "t", id="unet-t-none"),
+    pytest.param(lambda sd: sd.unet(_z(1, 4, 16, 16), 500, None), "context", id="unet-context-none"),
+]
+
+
+@pytest.mark.parametrize("call,name", NONE_OR_WRONG_OBJECT)
+def test_none_or_wrong_object_is_a_type_error_naming_it(tiny, call, name):
+    """Each was an AttributeError ('NoneType' object has no attribute ...) or a TypeError from inside."""
+    with pytest.raises(TypeError) as e:
+        call(tiny)
+    msg = one_line(e)
+    assert f"{name} must be" in msg or f"{name} for" in msg, msg  # the argument, named by us, not by torch
+    assert "NoneType" not in msg, msg

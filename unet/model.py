@@ -16,12 +16,13 @@ null-text's unconditional embedding) then handles it with no code of its own, an
 still sees the 77 text tokens.
 """
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import whole
+from ..checks import kind, tensor, tensor_shape, whole
 from ..hooks import HookedModule, HookInfo, HookPoint
 from .attention import Attention, BasicTransformerBlock, SpatialTransformer
 from .config import UNetConfig
@@ -230,13 +231,29 @@ class UNetModel(HookedModule):
         This wrapper stays eager: it checks the input and turns a Python timestep into a tensor
         before `core` (the part `compile()` compiles) sees it. A compiled function guards on the
         value of every Python int it is given, so an int t would build a new graph at each step.
+        The checks are of types and shapes only (no read of the data, which would wait for a GPU at
+        every step): a wrong input is a ValueError naming it, not an error from inside conv2d or attention.
         """
+        c = self.cfg.in_channels
+        tensor_shape("x", x, (None, c, None, None), f"[B, {c}, h, w] latents")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be floating-point latents, not {x.dtype}")
+        tensor("context", context, "a [B, tokens, D] tensor of text embeddings (sd.encode_prompt)")
         if context.ndim != 3 or context.shape[-1] != self.cfg.context_dim:  # else a matmul error deep inside
             extra = " plus SDXL's added-conditioning row (sd.encode_prompt makes it)" if self.cfg.adm_in_channels else ""
             raise ValueError(f"context must be [B, tokens, {self.cfg.context_dim}] text embeddings{extra}, "
                              f"got shape {tuple(context.shape)}")
+        b = x.shape[0]
+        if context.shape[0] != b:
+            raise ValueError(f"x has shape {tuple(x.shape)} and context {tuple(context.shape)}: one context row per "
+                             f"latent, so context must be [{b}, tokens, {self.cfg.context_dim}]")
         if isinstance(t, torch.Tensor):
-            t = t.to(x.device).reshape(-1).expand(x.shape[0])
+            if t.numel() not in (1, b):
+                raise ValueError(f"t must be one timestep or one per latent (1 or {b} values for x of shape "
+                                 f"{tuple(x.shape)}), got shape {tuple(t.shape)}")
+            t = t.to(x.device).reshape(-1).expand(b)
+        elif isinstance(t, bool) or not isinstance(t, numbers.Real):
+            raise TypeError(f"t must be a timestep, a number or a tensor of 1 or B of them, not {kind(t)}")
         else:  # a fill kernel: torch.tensor(t, device=...) would copy from the host and wait for the GPU
             t = torch.full((x.shape[0],), t, device=x.device)
         return self.core(x, t, context) if self._compiled is None else self._compiled(self, x, t, context)
