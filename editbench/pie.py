@@ -111,12 +111,23 @@ def parse_entry(key, raw, path="mapping_file.json", root=None):
             raise _bad(path, key, f"{f} must be a string, got {type(raw[f]).__name__} {raw[f]!r}")
     if raw["editing_type_id"] not in TYPES:
         raise _bad(path, key, f"editing_type_id must be one of \"0\"..\"9\", got {raw['editing_type_id']!r}")
-    rle = raw["mask"]
-    if not isinstance(rle, list) or len(rle) % 2 or not all(type(v) is int and v >= 0 for v in rle):
-        raise _bad(path, key, "mask must be a flat list of non-negative integers [start, length, ...] "
-                              "of even length (PIE-Bench's run-length encoding)")
-    if root is not None and not os.path.isfile(os.path.join(root, "annotation_images", raw["image_path"])):
-        raise _bad(path, key, f"image annotation_images/{raw['image_path']} not found under {root}")
+    rle, cells = raw["mask"], GRID[0] * GRID[1]
+    if not isinstance(rle, list) or len(rle) % 2 or not all(type(v) is int and 0 <= v <= cells for v in rle):
+        raise _bad(path, key, f"mask must be a flat list of integers from 0 to {cells} [start, length, ...] "
+                              "of even length (PIE-Bench's run-length encoding on its 512x512 grid)")
+    image = raw["image_path"]
+    parts = image.replace("\\", "/").split("/")
+    if not image or os.path.isabs(image) or ".." in parts or image.startswith("~"):
+        raise _bad(path, key, f"image_path {image!r} leaves annotation_images/; give a path inside it")
+    if root is not None:
+        full = os.path.join(root, "annotation_images", image)
+        if not os.path.isfile(full):
+            raise _bad(path, key, f"image annotation_images/{image} not found under {root}")
+        try:  # the header only: a file that is no image fails here, before the model loads
+            with Image.open(full) as im:
+                im.size
+        except (OSError, ValueError) as e:
+            raise _bad(path, key, f"annotation_images/{image} is not a readable image ({type(e).__name__})") from None
     words = tuple(raw["blended_word"].split(" ")) if raw["blended_word"] != "" else None  # run_editing_p2p.py:111
     return Item(key=key, image_path=raw["image_path"], original_prompt=strip_brackets(raw["original_prompt"]),
                 editing_prompt=strip_brackets(raw["editing_prompt"]), edited_words=bracketed(raw["editing_prompt"]),

@@ -136,6 +136,10 @@ def test_write_read_layout(tmp_path):
     (lambda e: e.update(mask=[-5, 2]), "mask must be"),
     (lambda e: e.update(mask=[1.5, 2]), "mask must be"),
     (lambda e: e.update(image_path="nowhere.png"), "not found"),
+    (lambda e: e.update(mask=[0, 10 ** 30]), "mask must be"),  # a huge run length: was an OverflowError
+    (lambda e: e.update(image_path="../mapping_file.json"), "leaves annotation_images"),
+    (lambda e: e.update(image_path="/etc/passwd"), "leaves annotation_images"),
+    (lambda e: e.update(image_path="a/../../x.png"), "leaves annotation_images"),
 ])
 def test_malformed_entry_one_line(tmp_path, edit, what):
     root = tmp_path / "bench"
@@ -148,6 +152,18 @@ def test_malformed_entry_one_line(tmp_path, edit, what):
         read_benchmark(root)
     msg = str(e.value)
     assert "\n" not in msg and what in msg and "'008'" in msg and str(path) in msg
+
+
+def test_an_image_that_is_not_one_is_named_on_reading(tmp_path):
+    """A truncated or non-image file fails when the benchmark is read, before any model loads, in one
+    line (was: "cannot identify image file" from deep inside PIL, after the model had loaded)."""
+    root = tmp_path / "bench"
+    write_set(root)
+    item = read_benchmark(root)[0]
+    (root / "annotation_images" / item.image_path).write_bytes(b"not a png")
+    with pytest.raises(ValueError) as e:
+        read_benchmark(root)
+    assert "\n" not in str(e.value) and "not a readable image" in str(e.value) and repr(item.key) in str(e.value)
 
 
 def test_malformed_file(tmp_path):
