@@ -151,9 +151,18 @@ class SqueezeLpips(nn.Module):
     @classmethod
     def from_file(cls, path):
         _check_path(path, "lpips")
-        sd = torch.load(path, map_location="cpu")
+        what = f"--lpips {path}: not torchvision's SqueezeNet 1.1 weights (squeezenet1_1-b8a52dc0.pth)"
+        try:  # weights only, never an untrusted pickle's code; a text or pickled file is one line
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{what}: {type(e).__name__} reading it as a PyTorch state dict") from None
         features = squeezenet1_1_features()
-        features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
+        try:
+            if not isinstance(sd, dict):
+                raise TypeError(type(sd).__name__)
+            features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what}: its keys or shapes differ ({str(e).splitlines()[0][:80]})") from None
         return cls(features)
 
     def _taps(self, x):

@@ -226,3 +226,20 @@ def test_clip_score_matches_torchmetrics_clip_score(clip_path):
     assert oracle(tgt, text) != pytest.approx(oracle(edited, text), abs=1e-3)
     r = M.PieMetrics("corrected", clip=clip_path)(_img(512), tgt, np.zeros((512, 512), np.uint8), text)
     assert math.isnan(r["clip_similarity_target_image_edit_part"])  # ev:95
+
+
+@pytest.mark.parametrize("content", [b"squeezenet weights, honest", "pickle"])
+def test_lpips_weights_that_are_not_a_state_dict_are_one_line(tmp_path, content):
+    """A text file, or a pickle of an object (which weights_only loading refuses, so no code runs), is one
+    ValueError line naming --lpips and what it should be (was a multi-line torch.load traceback)."""
+    pytest.importorskip("torchmetrics")
+    from sdlens.editbench.metrics import SqueezeLpips
+    path = tmp_path / "w.pth"
+    if content == "pickle":
+        import pickle
+        path.write_bytes(pickle.dumps({"features.0.weight": object()}))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        SqueezeLpips.from_file(str(path))
+    assert "\n" not in str(e.value) and "--lpips" in str(e.value) and "SqueezeNet" in str(e.value)
