@@ -179,8 +179,11 @@ def load_image(path, size=None, *, sd=None):
         im = im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ValueError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's own texts ("cannot identify image file") say less
+        raise ValueError(f"{path}: not a readable image (PNG, JPEG, WebP, BMP, TIFF); it may be truncated or of "
+                         f"another format ({type(e).__name__})") from None
     w, h = im.size
     s = min(w, h)
     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
