@@ -13,7 +13,7 @@ from .cli import (Parser, add_model_args, add_sampling_args, check_device, finit
 from .editbench import cli as editbench_cli
 from .editing import cli as methods_cli
 from .features import cli as features_cli
-from .outputs import Interrupted, Staged, save_image_atomic
+from .outputs import Interrupted, Quiet, Staged, save_image_atomic
 from .pipeline import SAMPLERS
 
 
@@ -243,6 +243,8 @@ def main(argv=None):
     try:
         args = parser().parse_args(argv)
         COMMANDS[args.command](args)
+    except Quiet:  # another torchrun rank has said why
+        return 2
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

@@ -197,6 +197,12 @@ def fingerprint(paths) -> str:
     return h.hexdigest()
 
 
+class Quiet(Exception):
+    """Exit 2 without a message: another process of the same torchrun already printed the reason (every
+    rank reads the same inputs, so rank 0 alone reports what is wrong with them; a rank whose peer failed
+    stops without repeating the peer's error)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C in a command that keeps finished work for a rerun: its message says what was kept, and
     replaces the command line's usual "nothing was written"."""

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from ..cli import add_model_args, at_most, check_inputs_kept, finite, load_model, model_files, natural, positive
-from ..outputs import Staged, Text, check_target, fingerprint, read_resume_log
+from ..outputs import Quiet, Staged, Text, check_target, fingerprint, read_resume_log
 from . import run as bench
 
 TEST_HOOK = "SDLENS_EDIT_BENCH_STOP_AFTER"  # tests: interrupt (KeyboardInterrupt) after this many new rows
@@ -121,25 +121,16 @@ def cmd_edit_bench(args):
         return
     if not args.data or not args.out:
         raise ValueError("edit-bench needs --data DIR and --out FILE.csv (or --make-tiny DIR)")
-    methods = bench.check_methods(args.methods)
-    from ..cli import check_device
-    from .pie import read_benchmark
-    check_device(args.device)
-    check_target(args.out)
-    every = read_benchmark(args.data)  # every annotation and image checked before the model loads
-    items = every[:args.limit]
     rank, world, local = distributed()
-    # --force or not, no file the benchmark is made of (read in this run or not) and no model file is written
-    # over: not by the CSV, nor by the resume logs, which are opened for writing in place.
-    data = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images", it.image_path)
-                                                             for it in every]
-    written = [args.out, partial_path(args.out)] + [partial_path(args.out, r) for r in range(world)] + logs(args.out)
-    models = model_files(args, "--model", "--config", "--dino", "--clip", "--lpips")
-    check_inputs_kept([("--data", p) for p in data] + models, written)
-    if os.path.exists(args.out) and not args.force:
-        raise ValueError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
-    kind, metrics = make_metrics(args, items)
+    try:
+        items, methods, kind, metrics = check_run(args, world)
+    except ValueError:
+        if rank != 0:  # every rank reads the same inputs, so rank 0 alone reports what is wrong: one line
+            raise Quiet() from None
+        raise
     if world > 1:
+        import signal
+
         import torch
         import torch.distributed as dist
         cuda = args.device.startswith("cuda")
@@ -150,11 +141,48 @@ def cmd_edit_bench(args):
         # item on one rank would kill the others after their rows are done, and no CSV would be written.
         from datetime import timedelta
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
+        # When one rank fails, torchrun stops the others with SIGTERM: they leave quietly through their
+        # `finally` blocks (progress bars cleared, logs closed), so the failing rank's line is the only one.
+        signal.signal(signal.SIGTERM, _stop_quietly)
     try:
         finish(args, items, methods, kind, metrics, rank, world)
+    except ValueError as e:
+        if world > 1:  # which rank met it: the others stop quietly (below, and on torchrun's SIGTERM)
+            raise ValueError(f"rank {rank}: {e}") from None
+        raise
+    except RuntimeError:
+        if world > 1:  # a collective whose peer failed: that peer has printed why
+            raise Quiet() from None
+        raise
     finally:
         if world > 1:
             dist.destroy_process_group()
+
+
+def _stop_quietly(signum, frame):
+    raise Quiet()
+
+
+def check_run(args, world):
+    """Everything checkable before the model loads -> (items, methods, metrics kind, metrics)."""
+    methods = bench.check_methods(args.methods)
+    from ..cli import check_device
+    from .pie import read_benchmark
+    check_device(args.device)
+    check_target(args.out)
+    every = read_benchmark(args.data)  # every annotation and image checked before the model loads
+    items = every[:args.limit]
+    # --force or not, no file the benchmark is made of (read in this run or not) and no model file is written
+    # over: not by the CSV, nor by the resume logs, which are opened for writing in place.
+    data = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images", it.image_path)
+                                                             for it in every]
+    written = [args.out, partial_path(args.out)] + [partial_path(args.out, r) for r in range(world)] + logs(args.out)
+    models = model_files(args, "--model", "--config", "--dino", "--clip", "--lpips")
+    check_inputs_kept([("--data", p) for p in data] + models, written)
+    if os.path.exists(args.out) and not args.force:
+        raise ValueError(f"{args.out} exists; pass --force to overwrite it or choose another --out")
+    kind, metrics = make_metrics(args, items)
+    return items, methods, kind, metrics
 
 
 def barrier(world):

@@ -204,6 +204,26 @@ def test_torchrun_two_processes_match_one(data, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["one.csv", "two.csv"]  # the rank logs are gone
 
 
+def test_torchrun_bad_data_is_one_line(data, tmp_path):
+    """Bad data under torchrun: every rank reads the same inputs, so rank 0 alone says what is wrong, in
+    one line, and no rank is left waiting (before, each rank printed its own copy, interleaved)."""
+    import json
+    import shutil
+    bad = str(shutil.copytree(data, tmp_path / "bad"))
+    path = os.path.join(bad, "mapping_file.json")
+    raw = json.load(open(path))
+    raw[next(iter(raw))]["mask"] = [0, 10 ** 30]
+    json.dump(raw, open(path, "w"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "sdlens"] + args(bad, str(tmp_path / "r.csv")), env=env, capture_output=True, text=True,
+                       timeout=120)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(ours) == 1 and "mask must be" in ours[0], r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "r.csv")
+
+
 def tree(folder):
     """{relative path: bytes} of every file under `folder`, hidden ones included."""
     return {os.path.relpath(os.path.join(d, f), folder): read(os.path.join(d, f))
