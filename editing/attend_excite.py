@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checks import fraction, number, whole
+from ..checks import fraction, model, number, whole
 from ..hooks import StepContext
 from .attention_store import object_map_size
 from .words import word_positions
@@ -242,6 +242,7 @@ def attend_and_excite(sd, prompt: Union[str, List[str]], words, *, max_iter_to_a
 
     Cost: each step adds a forward and backward pass of the UNet at batch 1 per prompt, and the
     refinement steps up to 21 more each."""
+    model("sd", sd)
     for k in ("sampler", "denoiser", "prepare"):
         if k in kw:
             raise TypeError(f"attend_and_excite() takes no {k}=: it samples with DDIM and its own prepare step")

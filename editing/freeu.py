@@ -46,7 +46,7 @@ from typing import Dict, List
 import torch
 from torch.fft import fftn, fftshift, ifftn, ifftshift
 
-from ..checks import number
+from ..checks import model, number
 from .patch import Patch, apply
 
 # ChenyangSi/FreeU README.md:161-173 ("FreeU Parameters"), the values diffusers' docs use too
@@ -124,6 +124,7 @@ def freeu(sd, *, b1=None, b2=None, s1=None, s2=None):
     values used. The layers are diffusers' (by decoder level), not the official code's (by channel
     count): see the module's notes. On exit the UNet is as before, exactly. The arguments are checked
     here, at the call, not at the `with`."""
+    model("sd", sd)
     return _active(sd, freeu_values(sd, b1, b2, s1, s2))
 
 

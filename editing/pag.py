@@ -49,7 +49,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ..checks import number
+from ..checks import model, number
 from ..hooks import HookInfo, StepContext
 from ..pipeline import uses_guidance
 from ..schedulers import classifier_free_guidance
@@ -140,6 +140,7 @@ def pag_generate(sd, prompt, *, pag_scale=3.0, layers: Optional[Sequence[Selecti
     None: ["mid"], diffusers' and the official default. kw: `sd.generate`'s (steps, guidance_scale,
     seed, latents, height, width, output, negative_prompt, eta, sampler, progress, prepare).
     Guidance runs where `sd.generate`'s does (every w but 0 and 1; diffusers: w > 1 only)."""
+    model("sd", sd)
     pag_scale = number("pag_scale", pag_scale, lo=0)
     chosen = patches(sd, layers)
     if "denoiser" in kw:

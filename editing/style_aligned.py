@@ -57,7 +57,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from ..checks import flag, fraction, number
+from ..checks import flag, fraction, model, number
 from ..pipeline import uses_guidance
 from .patch import Patch, apply
 
@@ -167,6 +167,7 @@ def style_aligned(sd, prompts: Sequence[str], *, adain_queries=True, adain_keys=
                   share_group_norm=False, share_layer_norm=False, **generate_kw):
     """Generate `prompts` in the style of the first: `sd.generate(prompts, **generate_kw)` with StyleAligned's
     hooks (see the module notes for each option and its official default). Returns what generate returns."""
+    model("sd", sd)
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts \
             or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompts must be a non-empty list of strings, the first the style reference, not {prompts!r}")

@@ -443,3 +443,15 @@ def test_none_or_wrong_object_is_a_type_error_naming_it(tiny, call, name):
     msg = one_line(e)
     assert f"{name} must be" in msg or f"{name} for" in msg, msg  # the argument, named by us, not by torch
     assert "NoneType" not in msg, msg
+
+
+@pytest.mark.parametrize("call", ["freeu", "pag_generate", "style_aligned", "attend_and_excite"])
+@pytest.mark.parametrize("sd", [None, "sd15.safetensors"])
+def test_new_methods_name_a_missing_model(call, sd):
+    """The four methods of the patch-layer issue refuse a non-model `sd` by name (was an AttributeError
+    from inside, e.g. 'NoneType' object has no attribute 'family')."""
+    import sdlens.editing as editing
+    args = {"freeu": (), "pag_generate": ("a red circle",), "style_aligned": (["a", "b"],),
+            "attend_and_excite": ("a red circle", ["circle"])}[call]
+    with pytest.raises(TypeError, match="^sd must be a StableDiffusion model"):
+        getattr(editing, call)(sd, *args)
