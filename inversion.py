@@ -126,7 +126,7 @@ def invert_image(sd, image, prompt, method="ddim", steps=50, guidance_scale=7.5,
     `steps` (>= 1): must equal the editor's steps (official: 50). `guidance_scale`: the w that the
     edit will use (null-text optimises for it; official 7.5). `progress`: tqdm bars on stderr
     (null-text, with its inner optimisation, is the slow one: about 20 s at 50 steps on sdlens-tiny
-    on 2 CPU cores, see the README's benchmarks)."""
+    on 2 CPU cores, see docs/benchmarks.md)."""
     model("sd", sd)
     string("prompt", prompt)
     if method not in METHODS:

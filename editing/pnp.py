@@ -28,7 +28,7 @@ pnp_f_t 0.8, pnp_attn_t 0.5; the LDM code uses guidance 10 for real images), and
   it unless told otherwise.
 - the negative-prompt alpha schedules of the LDM code (see `negative_alpha`); pnp-diffusers' own
   negative prompt is `alpha=0`, the default.
-Checked on sdlens-tiny against the official code run from the same image (README, Plug-and-Play):
+Checked on sdlens-tiny against the official code run from the same image (docs/editing.md, Plug-and-Play):
 `oracle.py --steps 10 --nt-steps 10 --full --cases a,b,c,d` gives "PnP parity: PASS | (a) inversion
 latents max 1.4e-04 | (b) PnP image max 9.0e-05 | ..." (pnp-diffusers for b, the "" source row and
 the negative prompt; the LDM schedules for linear/exp); with all defaults, translate() matches

@@ -124,7 +124,7 @@ def _run(sd, save, seed, steps, guidance):
         pairs += [a, b]
         caps += [src, f"{mode}: {tgt}" if not eq else f"reweight {eq}"]
         if len(pairs) == 2:  # the word swap: its per-word attention, and the source's self-attention
-            # 8x8: sdlens-tiny's 16x16 layers attend almost uniformly (README, Editing: attention maps)
+            # 8x8: sdlens-tiny's 16x16 layers attend almost uniformly (docs/editing.md, attention maps; attention_store.object_map_size)
             side = res.store.largest(limit=8)
             maps = res.store.aggregate(side)
             for row, (prompt, name) in enumerate([(src, "p2p_attention_source.png"), (tgt, "p2p_attention_edit.png")]):
