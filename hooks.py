@@ -127,9 +127,9 @@ class HookPoint(nn.Module):
         for fn in self.fns:
             out = fn(x, self)
             if out is not None:
-                if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                if not isinstance(out, torch.Tensor) or not self.shape_ok(out.shape, x.shape):
                     raise ValueError(f"hook on {self.name} returned {type(out).__name__} "
-                                     f"{getattr(out, 'shape', '')}; return None or a tensor of shape {tuple(x.shape)}")
+                                     f"{getattr(out, 'shape', '')}; return None or {self.expected(x.shape)}")
                 if out.dtype != x.dtype or out.device != x.device:  # else the next layer fails far from here
                     raise TypeError(f"hook on {self.name} returned a {out.dtype} tensor on {out.device}; return one "
                                     f"of {x.dtype} on {x.device}, e.g. out.to(x)")
@@ -137,6 +137,14 @@ class HookPoint(nn.Module):
         return x
 
     forward = __call__
+
+    @staticmethod
+    def shape_ok(got, shape) -> bool:
+        return got == shape
+
+    @staticmethod
+    def expected(shape) -> str:
+        return f"a tensor of shape {tuple(shape)}"
 
     def extra_repr(self):
         return f"{len(self.fns)} fns" if self.fns else ""
@@ -151,25 +159,13 @@ class KeyValuePoint(HookPoint):
     stay; every other hook point keeps its shape. The model stacks k and v only when a hook is
     attached, so an empty point costs nothing."""
 
-    def __call__(self, kv):
-        if not self.fns:
-            return kv
-        for fn in self.fns:
-            out = fn(kv, self)
-            if out is not None:
-                ok = (isinstance(out, torch.Tensor) and out.ndim == kv.ndim and out.shape[-2] >= kv.shape[-2]
-                      and out.shape[:-2] == kv.shape[:-2] and out.shape[-1] == kv.shape[-1])
-                if not ok:
-                    raise ValueError(f"hook on {self.name} returned {type(out).__name__} {getattr(out, 'shape', '')}; "
-                                     f"return None or keys and values of shape {tuple(kv.shape[:-2])} + "
-                                     f"(keys >= {kv.shape[-2]}, {kv.shape[-1]})")
-                if out.dtype != kv.dtype or out.device != kv.device:
-                    raise TypeError(f"hook on {self.name} returned a {out.dtype} tensor on {out.device}; return one "
-                                    f"of {kv.dtype} on {kv.device}, e.g. out.to(kv)")
-                kv = out
-        return kv
+    @staticmethod
+    def shape_ok(got, shape) -> bool:
+        return len(got) == len(shape) and got[:-2] == shape[:-2] and got[-1] == shape[-1] and got[-2] >= shape[-2]
 
-    forward = __call__
+    @staticmethod
+    def expected(shape) -> str:
+        return f"keys and values of shape {tuple(shape[:-2])} + (keys >= {shape[-2]}, {shape[-1]})"
 
 
 Selector = Union[str, Callable[[str], bool]]
