@@ -167,3 +167,15 @@ def sdxl_fixture(tmp_path_factory):
         folder, path = save_sdxl_fixture(pipe, str(tmp_path_factory.mktemp("sdxl")))
         _BUILT["sdxl"] = dict(kind="sdxl", pipe=pipe, folder=folder, single=path)
     return _BUILT["sdxl"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    """sdlens-tiny as a diffusers StableDiffusionPipeline (the reference side), one per test module: tests
+    change its attention processors or enable FreeU on it, so no module sees another's."""
+    from diffusers import StableDiffusionPipeline
+    from sdlens.weights.load import TINY_DIR
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_DIR, safety_checker=None, dtype=torch.float32,
+                                                   local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -10,7 +10,6 @@ import torch
 
 import sdlens
 from sdlens.editing.freeu import VALUES, fourier_filter, freeu, freeu_values
-from sdlens.weights.load import TINY_DIR
 
 PROMPT = "a big red star on the left"
 SD15 = dict(b1=1.5, b2=1.6, s1=0.9, s2=0.2)  # ChenyangSi/FreeU README.md:161-173
@@ -20,14 +19,6 @@ SD15 = dict(b1=1.5, b2=1.6, s1=0.9, s2=0.2)  # ChenyangSi/FreeU README.md:161-17
 def tiny():
     return sdlens.load()
 
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(TINY_DIR, safety_checker=None, dtype=torch.float32,
-                                                   local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def with_freeu(pipe, values, **call):

@@ -9,7 +9,6 @@ import torch
 
 import sdlens
 from sdlens.editing.pag import identity, layer_selections, pag_generate
-from sdlens.weights.load import TINY_DIR
 
 PROMPTS = ["a big red star on the left", "a small blue circle at the top"]
 
@@ -18,14 +17,6 @@ PROMPTS = ["a big red star on the left", "a small blue circle at the top"]
 def tiny():
     return sdlens.load()
 
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(TINY_DIR, safety_checker=None, dtype=torch.float32,
-                                                   local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def reference(pipe, layers):

@@ -31,12 +31,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import sdlens
 from sdlens.editing.style_aligned import rows, shared_layers, style_aligned, switch_vector
-from sdlens.weights.load import TINY_DIR
 
 PROMPTS = ["a big blue star on a black background", "a small circle on the left", "a square at the top"]
 STEPS, GUIDANCE = 4, 7.5
@@ -129,12 +127,6 @@ def with_own_unet(pipe):
 @pytest.fixture(scope="module")
 def tiny():
     return sdlens.load()
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    return StableDiffusionPipeline.from_pretrained(TINY_DIR, torch_dtype=torch.float32, safety_checker=None,
-                                                   local_files_only=True)
 
 
 @pytest.fixture(scope="module")

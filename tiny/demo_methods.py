@@ -12,6 +12,12 @@ STYLE_PROMPTS = ["a big red circle on the left on a striped background", "a smal
 EXCITE_PROMPT, EXCITE_WORDS = "a red circle and a cyan square", ["circle", "square"]
 
 
+def plain_above(save, name, prompts, plain, made, label):
+    """A grid: the plain images (captioned with their prompts) above the method's, one column per prompt."""
+    save(captioned_grid(plain + made, [f"plain: {p}" for p in prompts] + [label] * len(prompts), cols=len(prompts)),
+         name)
+
+
 def panels(sd, save, seed, steps, guidance):
     from ..editing import attend_and_excite, freeu, pag_generate, style_aligned
     kw = dict(steps=steps, guidance_scale=guidance, seed=seed, progress=False)
@@ -21,7 +27,7 @@ def panels(sd, save, seed, steps, guidance):
     plain = sd.generate(FREEU_PROMPTS, **kw)
     with freeu(sd):
         made = sd.generate(FREEU_PROMPTS, **kw)
-    save(captioned_grid(plain + made, [f"plain: {p}" for p in FREEU_PROMPTS] + ["FreeU"] * 3, cols=3), "freeu.png")
+    plain_above(save, "freeu.png", FREEU_PROMPTS, plain, made, "FreeU")
     out.append(dict(title="FreeU", method="freeu(sd) (Si et al. 2024; diffusers' enable_freeu): the decoder's two "
                     "deepest levels scale half their backbone channels up and damp their skips' lowest frequencies",
                     prompt="one per column", settings=cfg + "; b1, b2, s1, s2 = SD 1.5's values of the FreeU README",
@@ -32,7 +38,7 @@ def panels(sd, save, seed, steps, guidance):
 
     plain = sd.generate(PAG_PROMPTS, **kw)
     made = pag_generate(sd, PAG_PROMPTS, **kw)
-    save(captioned_grid(plain + made, [f"plain: {p}" for p in PAG_PROMPTS] + ["PAG, scale 3"] * 3, cols=3), "pag.png")
+    plain_above(save, "pag.png", PAG_PROMPTS, plain, made, "PAG, scale 3")
     out.append(dict(title="Perturbed-Attention Guidance", method="pag_generate (Ahn et al. 2024): a third row whose "
                     "middle-block self-attention is the identity, and guidance away from it (scale 3.0)",
                     prompt="one per column", settings=cfg + "; pag_scale 3.0, the middle block (the official 'm0')",
@@ -43,8 +49,7 @@ def panels(sd, save, seed, steps, guidance):
 
     plain = sd.generate(STYLE_PROMPTS, **kw)
     made = style_aligned(sd, STYLE_PROMPTS, **kw)
-    save(captioned_grid(plain + made, [f"plain: {p}" for p in STYLE_PROMPTS] + ["StyleAligned"] * 3, cols=3),
-         "style_aligned.png")
+    plain_above(save, "style_aligned.png", STYLE_PROMPTS, plain, made, "StyleAligned")
     out.append(dict(title="StyleAligned", method="style_aligned (Hertz et al. 2024): every image's self-attention also "
                     "reads the first image's keys and values, after AdaIN of its queries and keys to the first's",
                     prompt="one per column; the first is the reference", settings=cfg + "; the official notebook's "
