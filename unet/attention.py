@@ -5,7 +5,6 @@ Names follow CompVis `ldm/modules/attention.py` (`attn1` self-, `attn2` cross-at
 """
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from ..hooks import HookPoint, KeyValuePoint
@@ -38,7 +37,9 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        # Plain reshapes, not einops: dynamo traces einops' pattern parsing at every call, which made
+        # compiling the UNet 4-6x slower (85% of the traced bytecode on sdlens-tiny).
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # b n (h d) -> b h n d
         q = self.hook_q(split(self.to_q(x)))
         k = self.hook_k(split(self.to_k(context)))
         v = self.hook_v(split(self.to_v(context)))
@@ -52,7 +53,7 @@ class Attention(nn.Module):
             out = self.hook_probs(scores.softmax(dim=-1)) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.hook_out(self.to_out(rearrange(out.to(dtype), "b h n d -> b n (h d)")))
+        return self.hook_out(self.to_out(out.to(dtype).transpose(1, 2).flatten(2)))
 
 
 class GEGLU(nn.Module):
@@ -117,14 +118,14 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.linear:
             y = self.proj_in(y)
-        y = rearrange(y, "b c h w -> b (h w) c")
+        y = y.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
         if self.linear:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
             y = block(y, context)
         if self.linear:
             y = self.proj_out(y)
-        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+        y = y.transpose(1, 2).unflatten(2, (h, w))  # b (h w) c -> b c h w
         if not self.linear:
             y = self.proj_out(y)
         return self.hook_out(x + y)
