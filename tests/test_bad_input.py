@@ -105,22 +105,29 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", "sdlens", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_cli_errors_and_no_overwrite(sd1_fixture, tmp_path):
+def test_cli_errors_and_no_overwrite(sd1_fixture, tmp_path, capsys):
+    """The first and last calls run as processes (the exit code the shell sees); the rest in this process
+    through `main`, which is what `python -m sdlens` runs (a process each cost ~3.5 s)."""
+    from sdlens.__main__ import main
+
+    def run(*args):
+        code = main(list(args))
+        return code, capsys.readouterr().err
     fixture = sd1_fixture
     out = tmp_path / "img.png"
     r = cli("generate", "--model", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--out", str(out))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
-    r = cli("generate", "--model", fixture["folder"], "--prompt", "x", "--out", str(out), "--height", "60")
-    assert r.returncode == 2 and "multiples of 8" in r.stderr and not out.exists()
-    r = cli("generate", "--model", fixture["folder"], "--prompt", "a cat", "--steps", "2", "--height", "64",
-            "--width", "64", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    code, err = run("generate", "--model", fixture["folder"], "--prompt", "x", "--out", str(out), "--height", "60")
+    assert code == 2 and "multiples of 8" in err and not out.exists()
+    code, err = run("generate", "--model", fixture["folder"], "--prompt", "a cat", "--steps", "2", "--height", "64",
+                    "--width", "64", "--out", str(out))
+    assert code == 0, err
     before = out.read_bytes()
-    r = cli("generate", "--model", fixture["folder"], "--prompt", "a dog", "--steps", "2", "--out", str(out))
-    assert r.returncode == 2 and "--force" in r.stderr and out.read_bytes() == before
-    r = cli("generate", "--model", fixture["folder"], "--prompt", "a dog", "--steps", "2", "--height", "64",
-            "--width", "64", "--seed", "5", "--out", str(out), "--force")
-    assert r.returncode == 0 and out.read_bytes() != before
+    code, err = run("generate", "--model", fixture["folder"], "--prompt", "a dog", "--steps", "2", "--out", str(out))
+    assert code == 2 and "--force" in err and err.strip().count("\n") == 0 and out.read_bytes() == before
+    code, err = run("generate", "--model", fixture["folder"], "--prompt", "a dog", "--steps", "2", "--height", "64",
+                    "--width", "64", "--seed", "5", "--out", str(out), "--force")
+    assert code == 0 and out.read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["img.png"]  # no temporary files left behind
     r = cli("generate", "--prompt", "x", "--steps", "zero", "--out", str(out))
     assert r.returncode == 2
