@@ -90,6 +90,15 @@ class AttentionStore:
             self.sums[hook.name], self.counts[hook.name] = p, torch.ones((), device=p.device)
         return None
 
+    def allocate(self, rows: int, keys: int, device):
+        """Zero sums for `rows` conditional rows and `keys` text tokens, made before the first UNet call.
+        A compiled UNet then traces the store once: sums created at the first call changed the store's
+        dict, so the second call traced a second graph (twice the compile time of a P2P edit)."""
+        for n, (h, w) in self.sizes.items():
+            k = keys if self.unet.hook_info(n).kind == "cross_attention" else h * w
+            self.sums[n] = torch.zeros(rows, h * w, k, device=device)
+            self.counts[n] = torch.zeros((), device=device)
+
     def hooks(self):
         """{name: fn} to pass to `unet.hooks(...)`, alone or after an editor's hooks."""
         return {n: self.hook for n in self.sizes}

@@ -272,6 +272,7 @@ class PromptToPrompt:
         hw = tuple(x.shape[-2:])
         map_hw = default_map_size(sd, sd.image_size(x))  # what local blend reads
         store = AttentionStore(sd.unet, hw, max_size=map_hw if store_size is None else store_size)
+        store.allocate(n, sd.text_encoder.cfg.max_positions, sd.device)
         if self.blend is not None and map_hw not in store.sizes.values():
             why = "RoyiRa's SDXL LocalBlend: 1/32 of the image" if sd.is_sdxl else "official LocalBlend"
             fix = f"store_size={store_size!r} must keep them" if store_size is not None else \
