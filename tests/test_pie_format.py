@@ -160,10 +160,13 @@ def test_an_image_that_is_not_one_is_named_on_reading(tmp_path):
     root = tmp_path / "bench"
     write_set(root)
     item = read_benchmark(root)[0]
-    (root / "annotation_images" / item.image_path).write_bytes(b"not a png")
-    with pytest.raises(ValueError) as e:
-        read_benchmark(root)
-    assert "\n" not in str(e.value) and "not a readable image" in str(e.value) and repr(item.key) in str(e.value)
+    path = root / "annotation_images" / item.image_path
+    whole = path.read_bytes()
+    for bad in (b"not a png", whole[:len(whole) // 2]):  # the second: a valid header, its data cut short
+        path.write_bytes(bad)
+        with pytest.raises(ValueError) as e:
+            read_benchmark(root)
+        assert "\n" not in str(e.value) and "not a readable image" in str(e.value) and repr(item.key) in str(e.value)
 
 
 def test_malformed_file(tmp_path):
