@@ -150,9 +150,10 @@ def cmd_correspond(args):
 
 
 def cmd_spair(args):
-    from .spair import evaluate, pair_files, read_pair, report, summarize
+    from .spair import check_images, evaluate, in_order, pair_files, read_pair, report, summarize
     files = pair_files(args.data)
-    pairs = [read_pair(p, args.data) for p in files]  # every annotation and image checked before the model loads
+    pairs = [read_pair(p, args.data) for p in files]  # every annotation checked before the model loads,
+    check_images([d for d, _ in in_order(pairs, files, args.limit)])  # and every image the run will read
     partial = os.path.join(os.path.dirname(os.path.abspath(args.out)), f".{os.path.basename(args.out)}.partial")
     # --force or not, neither the CSV nor the resume log (opened for writing in place) may be a file SPair-71k
     # or the model is made of.

@@ -83,6 +83,20 @@ def read_pair(path, root):
     return d
 
 
+def check_images(pairs):
+    """Decode every image of `pairs` (read_pair's dicts) once, before the model loads: a file that is
+    no image, or one cut short, fails here in one line naming it instead of mid-run."""
+    from ..inversion import load_image
+    for path in dict.fromkeys(d[f"{side}_path"] for d in pairs for side in ("src", "trg")):
+        load_image(path, 8)
+
+
+def in_order(pairs, files, limit=None):
+    """The (pair, file name) that `evaluate` runs, in its order: by category, then file name."""
+    ordered = sorted(zip(pairs, map(os.path.basename, files)), key=lambda x: (x[0]["category"], x[1]))
+    return ordered[:limit] if limit else ordered
+
+
 def _int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -101,9 +115,8 @@ def evaluate(sd, root, *, limit=None, name=None, t=DIFT_T, ensemble=8, seed=0, p
     if name is None:
         from .layers import dift_layer
         name = dift_layer(sd)
-    pairs = [(read_pair(p, root), os.path.basename(p)) for p in pair_files(root)]
-    pairs.sort(key=lambda x: (x[0]["category"], x[1]))
-    pairs = pairs[:limit] if limit else pairs
+    files = pair_files(root)
+    pairs = in_order([read_pair(p, root) for p in files], files, limit)
     bar = None
     if progress:  # leave=False and closed on any exit: an error is then printed on a line of its own
         from tqdm.auto import tqdm

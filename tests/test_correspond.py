@@ -248,6 +248,22 @@ def test_spair_malformed_annotation_is_one_line(tmp_path, capsys, field, value, 
     assert not (tmp_path / "o").exists()
 
 
+def test_spair_unreadable_image_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A JPEG that is no image, or cut short after its header, failed mid-run with PIL's own text
+    ("cannot identify image file", "image file is truncated") after the model had loaded."""
+    import sdlens.features.cli as fcli
+    write_spair(str(tmp_path))
+    d = json.loads(sorted((tmp_path / "PairAnnotation" / "test").iterdir())[0].read_text())
+    path = tmp_path / "JPEGImages" / d["category"] / d["trg_imname"]
+    whole = path.read_bytes()
+    monkeypatch.setattr(fcli, "load_model", lambda args: pytest.fail("the model loaded"))
+    for bad in (b"not a jpeg", whole[:len(whole) // 2]):
+        path.write_bytes(bad)
+        rc, _, err = run(["features", "spair", "--data", tmp_path, "--out", tmp_path / "o" / "r.csv"], capsys)
+        assert rc == 2 and len(err.splitlines()) == 1 and "not a readable image" in err and str(path) in err, err
+        assert not (tmp_path / "o").exists()
+
+
 def test_spair_bad_data_is_one_line(tmp_path, capsys):
     (tmp_path / "JPEGImages").mkdir()
     out = tmp_path / "o" / "r.csv"
