@@ -144,15 +144,18 @@ def cmd_edit_bench(args):
         # When one rank fails, torchrun stops the others with SIGTERM: they leave quietly through their
         # `finally` blocks (progress bars cleared, logs closed), so the failing rank's line is the only one.
         signal.signal(signal.SIGTERM, _stop_quietly)
+    shared = True
     try:
-        finish(args, items, methods, kind, metrics, rank, world)
-    except ValueError as e:
-        if world > 1:  # which rank met it: the others stop quietly (below, and on torchrun's SIGTERM)
-            raise ValueError(f"rank {rank}: {e}") from None
-        raise
-    except RuntimeError:
-        if world > 1:  # a collective whose peer failed: that peer has printed why
-            raise Quiet() from None
+        sd, settings, done = start(args, items, methods, kind, world)
+        shared = False
+        finish(args, items, methods, metrics, rank, world, sd, settings, done)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: out of memory, for one
+        if world > 1 and shared and isinstance(e, ValueError):  # the model or a resume log: the same on every
+            if rank != 0:  # rank, so rank 0 alone says what is wrong with it
+                raise Quiet() from None
+            raise
+        if world > 1:  # which rank met it: the others stop quietly (`collective`, and on torchrun's SIGTERM)
+            raise (ValueError if isinstance(e, ValueError) else RuntimeError)(f"rank {rank}: {e}") from None
         raise
     finally:
         if world > 1:
@@ -185,13 +188,23 @@ def check_run(args, world):
     return items, methods, kind, metrics
 
 
+def collective(fn, *args):
+    """A torch.distributed call. It raises when a peer has failed, and that peer has printed why: leave
+    quietly. (Only these calls: a rank's own RuntimeError is its error, said with its rank.)"""
+    try:
+        return fn(*args)
+    except RuntimeError:
+        raise Quiet() from None
+
+
 def barrier(world):
     if world > 1:
         import torch.distributed as dist
-        dist.barrier()
+        collective(dist.barrier)
 
 
-def finish(args, items, methods, kind, metrics, rank, world):
+def start(args, items, methods, kind, world):
+    """What every rank does alike -> (model, settings, rows of earlier runs): what fails here fails on every rank."""
     sd = load_model(args)
     # every setting that changes a row, and what the rows are made from: a log that differs is refused
     paths = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images", it.image_path)
@@ -205,12 +218,17 @@ def finish(args, items, methods, kind, metrics, rank, world):
     if world > 1:  # rank 0's settings for all: nodes may mount the shared folder at other paths
         import torch.distributed as dist
         shared = [settings]
-        dist.broadcast_object_list(shared, src=0)
+        collective(lambda: dist.broadcast_object_list(shared, src=0))
         settings = shared[0]
     done = {}
     for path in logs(args.out):  # any earlier run's rows, whatever its number of processes
         done.update(read_log(path, settings))
     barrier(world)  # every rank has read the logs before any rewrites its own
+    return sd, settings, done
+
+
+def finish(args, items, methods, metrics, rank, world, sd, settings, done):
+    """This rank's items, logged as they finish; then rank 0 merges every rank's log into the CSV."""
     ids = {it.key for it in items}
     mine = {it.key for i, it in enumerate(items) if i % world == rank}
     log_path = partial_path(args.out, rank if world > 1 else None)

@@ -226,6 +226,39 @@ def test_torchrun_bad_data_is_one_line(data, tmp_path):
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(ours) == 1 and "mask must be" in ours[0], r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "r.csv")
+    # a resume log of another run is met by every rank after the model loads: rank 0 alone says so
+    (tmp_path / ".r.csv.partial").write_text('{"model": "another"}\n')
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                        "sdlens"] + args(data, str(tmp_path / "r.csv")), env=env, capture_output=True, text=True,
+                       timeout=120)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and len(ours) == 1 and "other settings" in ours[0] and "rank" not in ours[0], r.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path)) == [".r.csv.partial", "bad"]
+
+
+def test_torchrun_one_rank_failing_mid_run_is_one_line(data, tmp_path):
+    """A rank's own error in the middle of its items (out of memory, say; here injected on rank 1) is one
+    line naming the rank; rank 0, waiting for it, leaves quietly and the run ends. (Before, any
+    RuntimeError under torchrun was taken for a failed peer and silenced: no rank said why.)"""
+    inject = tmp_path / "inject.py"
+    inject.write_text(
+        "import os, sys\n"
+        "import sdlens.editbench.run as run\n"
+        "real = run.edit_item\n"
+        "def edit_item(*a, **k):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise RuntimeError('injected failure\\nwith a second line')\n"
+        "    return real(*a, **k)\n"
+        "run.edit_item = edit_item\n"
+        "from sdlens.__main__ import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(inject)]
+                       + args(data, str(tmp_path / "r.csv")), env=env, capture_output=True, text=True, timeout=120)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode != 0 and ours == ["error: rank 1: injected failure"], r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "r.csv")
 
 
 def tree(folder):
