@@ -1,5 +1,4 @@
 """Plug-and-Play: exact injection behaviour, negative prompting, and the PCA feature views."""
-import subprocess
 import sys
 
 import pytest
@@ -152,17 +151,23 @@ def test_translate_rejects_latents_of_another_schedule(sd, zs):
         translate(sd, None, "a cat", latents=zs, steps=4)  # 6 steps do not pass 1, 251, 501, 751
 
 
-def test_cli_rejects_bad_pnp_arguments(sd1_fixture, tmp_path):
+def test_cli_rejects_bad_pnp_arguments(sd1_fixture, tmp_path, capsys):
+    """Through `main`, what `python -m sdlens` runs (the parser's refusal exits with 2 itself)."""
     from PIL import Image
+
+    from sdlens.__main__ import main
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
     base = ["pnp", "--model", sd1_fixture["folder"], "--image", str(image), "--prompt", "a cat", "--steps", "2"]
     for extra, name in ((["--feature-injection", "2"], "--feature-injection"),  # refused by the parser
                         (["--inversion-steps", "1"], "inversion_steps")):
         out = tmp_path / name.strip("-")
-        r = subprocess.run([sys.executable, "-m", "sdlens", *base, *extra, "--out", str(out)],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and name in r.stderr, r.stderr
+        try:
+            code = main([*base, *extra, "--out", str(out)])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and name in err, err
         assert not out.exists()
 
 
