@@ -219,7 +219,11 @@ class StableDiffusion:
         model's default (SD's usual 7.5; 0 for turbo). eta: 0 (deterministic DDIM) to 1 (DDPM-like noise).
         sampler: "ddim", or "euler_ancestral" (the turbo models' own, equal to diffusers' given the
         same generator; eta does not apply).
-        seed: an int for reproducible noise, None for fresh noise. latents: the starting noise
+        seed: an int for reproducible noise, None for fresh noise, or a list of B ints: row i then starts
+        from the noise that `generate(prompt[i], seed=seed[i])` draws, so prompts sampled one call per seed
+        run as one batch (about 3x faster per image on sdlens-tiny on a CPU; the images equal the one-call
+        ones up to the rounding of batched kernels; DDIM with eta 0 only, as the other samplers draw
+        noise at every step). latents: the starting noise
         instead, [B, 4, height/f, width/f] with f = `latent_factor` (8 for SD, 4 for sdlens-tiny:
         [B, 4, 16, 16] at its 64x64). height, width: multiples of 8, default `default_size`; far from
         it a warning says so. output: "pil" (a list of B PIL images) or "tensor" ([B,3,H,W] in [0,1],
@@ -242,18 +246,27 @@ class StableDiffusion:
             if not isinstance(v, numbers.Real) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, not {v!r}")
         check_eta(eta)
-        if seed is not None and not _is_int(seed):
-            raise TypeError(f"seed must be an integer or None, not {seed!r}")
+        seeds = seed if isinstance(seed, (list, tuple)) else None
+        if seeds is not None:
+            if len(seeds) != len(prompts) or not all(_is_int(s) for s in seeds):
+                raise ValueError(f"seed as a list must hold one integer per prompt ({len(prompts)}), got {seed!r}")
+            if sampler != "ddim" or eta != 0 or latents is not None:
+                raise ValueError("seed as a list fixes each row's starting noise: it needs sampler='ddim' with eta=0 "
+                                 "(the others draw noise at every step) and no latents=")
+        elif seed is not None and not _is_int(seed):
+            raise TypeError(f"seed must be an integer, a list of integers (one per prompt) or None, not {seed!r}")
         if latents is not None and not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor, not {kind(latents)}")
         b = len(prompts)
         uncond = self.encode_negative(negative_prompt, b, (height, width))  # checks it even without guidance
         cond = self.encode_prompt(prompts, (height, width))
         context = torch.cat([uncond, cond]) if uses_guidance(guidance_scale) else cond
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch.Generator().manual_seed(seed) if seed is not None and seeds is None else None
         f = self.latent_factor
         shape = (b, self.unet.cfg.in_channels, height // f, width // f)
-        if latents is None:
+        if seeds is not None:
+            latents = torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        elif latents is None:
             latents = torch.randn(shape, generator=generator)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")

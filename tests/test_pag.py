@@ -154,11 +154,12 @@ def test_claim_pag_lowers_the_failure_rate(tiny):
     12 (seed 0, "a big pink star on the left") and pass the other 11: at w 4 this model already
     follows these prompts, so there is little failure left for PAG to remove at this sample size.
     strict: a change that makes the claim hold must remove this mark."""
-    failed = {"pag": [], "plain": []}
-    for prompt, colour, shape, pos, seed in claim_prompts():
-        kw = dict(steps=CLAIM_STEPS, guidance_scale=CLAIM_W, seed=seed, progress=False)
-        failed["pag"].append(fails(pag_generate(tiny, prompt, pag_scale=CLAIM_S, **kw)[0], colour, shape, pos))
-        failed["plain"].append(fails(tiny.generate(prompt, **kw)[0], colour, shape, pos))
+    rows = list(claim_prompts())
+    # one batch, each row from its own seed's noise (as one call per seed, 3x faster per image)
+    kw = dict(steps=CLAIM_STEPS, guidance_scale=CLAIM_W, seed=[r[-1] for r in rows], progress=False)
+    pag, plain = pag_generate(tiny, [r[0] for r in rows], pag_scale=CLAIM_S, **kw), tiny.generate([r[0] for r in rows], **kw)
+    failed = {"pag": [fails(img, *r[1:4]) for img, r in zip(pag, rows)],
+              "plain": [fails(img, *r[1:4]) for img, r in zip(plain, rows)]}
     print(f"checker failures at w {CLAIM_W}: PAG (s {CLAIM_S}) {sum(failed['pag'])}/{CLAIM_N}, plain "
           f"{sum(failed['plain'])}/{CLAIM_N}; per prompt {failed}")
     assert sum(failed["pag"]) < sum(failed["plain"]), failed
