@@ -105,9 +105,11 @@ def test_p2p_colour_swap_keeps_layout(tiny):
     12 of 16 swaps (sign test p = 0.04). Measured at 50 steps: 0.728 vs 0.634, gap 0.094 (se 0.027), 14/16;
     at 20: 0.736 vs 0.576, gap 0.160 (se 0.052), 14/16; at SWAP_STEPS = 12: 0.751 vs 0.534, gap 0.217 (se 0.072), 14/16."""
     kept, regen, obeyed = [], [], 0
-    for src, tgt, colour, shape, seed in colour_swaps(tiny.tokenizer):
+    swaps = list(colour_swaps(tiny.tokenizer))
+    # the regenerations in one batch, each row from its own seed's noise (as one call per seed)
+    regenerated = tiny.generate([s[1] for s in swaps], steps=SWAP_STEPS, seed=[s[-1] for s in swaps], progress=False)
+    for (src, tgt, colour, shape, seed), c in zip(swaps, regenerated):
         a, b = sdlens.pipeline.to_pil(PromptToPrompt(tiny, src, [tgt], steps=SWAP_STEPS).run(seed=seed, progress=False).images)
-        c = tiny.generate(tgt, steps=SWAP_STEPS, seed=seed, progress=False)[0]
         kept.append(mask_iou(a, b))
         regen.append(mask_iou(a, c))
         obeyed += check(b, colour, shape)["color"]
