@@ -243,8 +243,8 @@ def main(argv=None):
     try:
         args = parser().parse_args(argv)
         COMMANDS[args.command](args)
-    except Quiet:  # another torchrun rank has said why
-        return 2
+    except Quiet as e:  # another torchrun rank says why
+        return e.code
     except (ValueError, KeyError, OSError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

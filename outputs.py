@@ -198,9 +198,13 @@ def fingerprint(paths) -> str:
 
 
 class Quiet(Exception):
-    """Exit 2 without a message: another process of the same torchrun already printed the reason (every
-    rank reads the same inputs, so rank 0 alone reports what is wrong with them; a rank whose peer failed
-    stops without repeating the peer's error)."""
+    """Exit without a message: another process of the same torchrun prints the reason (rank 0 says an
+    error the ranks agreed on, and the others exit 0 so that torchrun does not stop it first; a rank whose
+    peer failed stops with 2 without repeating the peer's error)."""
+
+    def __init__(self, code=2):
+        super().__init__()
+        self.code = code
 
 
 class Interrupted(KeyboardInterrupt):

@@ -248,8 +248,10 @@ class StableDiffusion:
         check_eta(eta)
         seeds = seed if isinstance(seed, (list, tuple)) else None
         if seeds is not None:
-            if len(seeds) != len(prompts) or not all(_is_int(s) for s in seeds):
-                raise ValueError(f"seed as a list must hold one integer per prompt ({len(prompts)}), got {seed!r}")
+            if not all(_is_int(s) for s in seeds):
+                raise TypeError(f"seed as a list must hold integers, one per prompt, not {seed!r}")
+            if len(seeds) != len(prompts):
+                raise ValueError(f"seed as a list must hold one integer per prompt ({len(prompts)}), got {len(seeds)}")
             if sampler != "ddim" or eta != 0 or latents is not None:
                 raise ValueError("seed as a list fixes each row's starting noise: it needs sampler='ddim' with eta=0 "
                                  "(the others draw noise at every step) and no latents=")

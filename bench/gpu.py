@@ -12,7 +12,7 @@ diffusers: bring it as a wheel. On a machine with network: `pip download diffuse
 (and huggingface_hub if missing); on the GPU machine: `pip install --no-deps wheels/diffusers-*.whl`.
 
 Sections (each one's failure is recorded in gpu.json and the run goes on):
-- correctness: fp32/fp16/bf16 UNet, text encoder, VAE, and a `--steps` generate at 512^2 (--small: 128^2)
+- correctness: fp32/fp16/bf16 (the CPU run: fp32) UNet, text encoder, VAE, and a `--steps` generate at 512^2 (--small: 128^2)
   from the same latents, each against diffusers, both measured against a more precise oracle (see
   gpu_models.judge);
 - host_syncs: one P2P step and one PnP step under CUDA's sync debug mode "error";

@@ -122,38 +122,30 @@ def cmd_edit_bench(args):
     if not args.data or not args.out:
         raise ValueError("edit-bench needs --data DIR and --out FILE.csv (or --make-tiny DIR)")
     rank, world, local = distributed()
-    try:
-        items, methods, kind, metrics = check_run(args, world)
-    except ValueError:
-        if rank != 0:  # every rank reads the same inputs, so rank 0 alone reports what is wrong: one line
-            raise Quiet() from None
-        raise
     if world > 1:
         import signal
 
-        import torch
         import torch.distributed as dist
-        cuda = args.device.startswith("cuda")
-        if cuda:
+        # gloo on GPUs too: the ranks only agree on small objects (errors, settings) and wait for each
+        # other; their rows go through files. Started before anything is checked, so that bad input is
+        # agreed on and said once. Ranks wait for the slowest at the end: with a short timeout a long
+        # null-text item on one rank would kill the others after their rows are done.
+        from datetime import timedelta
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
+        # When one rank fails mid-run, torchrun stops the others with SIGTERM: they leave quietly through
+        # their `finally` blocks (progress bars cleared, logs closed), so the failing rank's line is the only one.
+        signal.signal(signal.SIGTERM, _stop_quietly)
+    try:
+        items, methods, kind, metrics = together(rank, world, lambda: check_run(args, world))
+        if world > 1 and args.device.startswith("cuda"):
+            import torch
             args.device = f"cuda:{local}"
             torch.cuda.set_device(local)
-        # Ranks wait for the slowest at the end: with the default timeout (NCCL 10 min) a long null-text
-        # item on one rank would kill the others after their rows are done, and no CSV would be written.
-        from datetime import timedelta
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
-        # When one rank fails, torchrun stops the others with SIGTERM: they leave quietly through their
-        # `finally` blocks (progress bars cleared, logs closed), so the failing rank's line is the only one.
-        signal.signal(signal.SIGTERM, _stop_quietly)
-    shared = True
-    try:
-        sd, settings, done = start(args, items, methods, kind, world)
-        shared = False
+        sd, settings, done = start(args, items, methods, kind, rank, world)
         finish(args, items, methods, metrics, rank, world, sd, settings, done)
+    except Agreed:
+        raise
     except (ValueError, RuntimeError) as e:  # RuntimeError: out of memory, for one
-        if world > 1 and shared and isinstance(e, ValueError):  # the model or a resume log: the same on every
-            if rank != 0:  # rank, so rank 0 alone says what is wrong with it
-                raise Quiet() from None
-            raise
         if world > 1:  # which rank met it: the others stop quietly (`collective`, and on torchrun's SIGTERM)
             raise (ValueError if isinstance(e, ValueError) else RuntimeError)(f"rank {rank}: {e}") from None
         raise
@@ -164,6 +156,34 @@ def cmd_edit_bench(args):
 
 def _stop_quietly(signum, frame):
     raise Quiet()
+
+
+class Agreed(ValueError):
+    """An error every rank knows of (`together`), said by rank 0 alone."""
+
+
+def together(rank, world, fn):
+    """fn() on every rank -> this rank's result, where an error on any rank (bad input, the same on every
+    rank; or one rank's own, out of memory, say) is first made known to all: rank 0 says the first one
+    (naming its rank when it is another's) and exits 2, the others leave with 0. Were they to exit 2
+    first, torchrun could stop rank 0 before it has printed, and no rank would say why."""
+    try:
+        value, error = fn(), None
+    except (ValueError, RuntimeError) as e:
+        value, error = None, e
+    if world == 1:
+        if error is not None:
+            raise error
+        return value
+    import torch.distributed as dist
+    said = [None] * world
+    collective(lambda: dist.all_gather_object(said, None if error is None else str(error)))
+    first = next((r for r in range(world) if said[r] is not None), None)
+    if first is None:
+        return value
+    if rank != 0:
+        raise Quiet(code=0)
+    raise Agreed(said[0] if first == 0 else f"rank {first}: {said[first]}")
 
 
 def check_run(args, world):
@@ -203,27 +223,32 @@ def barrier(world):
         collective(dist.barrier)
 
 
-def start(args, items, methods, kind, world):
-    """What every rank does alike -> (model, settings, rows of earlier runs): what fails here fails on every rank."""
-    sd = load_model(args)
-    # every setting that changes a row, and what the rows are made from: a log that differs is refused
-    paths = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images", it.image_path)
-                                                              for it in items]
-    metric_files = [p for p in (args.dino, args.clip, args.lpips) if p]
-    settings = dict(model=args.model, config=args.config, dtype=args.dtype, size=sd.default_size,
-                    prediction_type=sd.scheduler.prediction_type, device=str(sd.device), data=os.path.abspath(args.data),
-                    steps=args.steps, guidance=args.guidance, mode=args.mode, metrics=kind, methods=list(methods),
-                    columns=metric_columns(kind), inputs=fingerprint(paths),
-                    metric_models=fingerprint(metric_files) if metric_files else None)
+def start(args, items, methods, kind, rank, world):
+    """What every rank does alike -> (model, settings, rows of earlier runs), its errors agreed on (`together`)."""
+    def load():
+        sd = load_model(args)
+        # every setting that changes a row, and what the rows are made from: a log that differs is refused
+        paths = [os.path.join(args.data, "mapping_file.json")] + [os.path.join(args.data, "annotation_images",
+                                                                               it.image_path) for it in items]
+        metric_files = [p for p in (args.dino, args.clip, args.lpips) if p]
+        return sd, dict(model=args.model, config=args.config, dtype=args.dtype, size=sd.default_size,
+                        prediction_type=sd.scheduler.prediction_type, device=str(sd.device),
+                        data=os.path.abspath(args.data), steps=args.steps, guidance=args.guidance, mode=args.mode,
+                        metrics=kind, methods=list(methods), columns=metric_columns(kind), inputs=fingerprint(paths),
+                        metric_models=fingerprint(metric_files) if metric_files else None)
+    sd, settings = together(rank, world, load)
     if world > 1:  # rank 0's settings for all: nodes may mount the shared folder at other paths
         import torch.distributed as dist
         shared = [settings]
         collective(lambda: dist.broadcast_object_list(shared, src=0))
         settings = shared[0]
-    done = {}
-    for path in logs(args.out):  # any earlier run's rows, whatever its number of processes
-        done.update(read_log(path, settings))
-    barrier(world)  # every rank has read the logs before any rewrites its own
+
+    def read_logs():  # any earlier run's rows, whatever its number of processes
+        done = {}
+        for path in logs(args.out):
+            done.update(read_log(path, settings))
+        return done
+    done = together(rank, world, read_logs)  # every rank has read the logs before any rewrites its own
     return sd, settings, done
 
 

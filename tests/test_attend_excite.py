@@ -280,7 +280,7 @@ def claim_runs(tiny):
     return rows
 
 
-@pytest.mark.xfail(strict=True, reason="measured false on sdlens-tiny: both objects present 2/6 with "
+@pytest.mark.xfail(strict=True, reason="measured false on sdlens-tiny (50 steps; 1/6 each at the test's 30): both objects present 2/6 with "
                    "Attend-and-Excite, 2/6 without; it brought one missing object (seed 2) and lost another (seed 3)")
 def test_claim_neglected_object_appears_more_often(claim_runs):
     """Attend-and-Excite makes the neglected object of a two-object prompt appear more often than plain

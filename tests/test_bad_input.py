@@ -214,7 +214,7 @@ def tiny():
     (dict(negative_prompt=[None]), TypeError, "negative_prompt"),
     (dict(seed=1.5), TypeError, "seed"),
     (dict(seed=[1, 2]), ValueError, "seed"),  # a list: one seed per prompt
-    (dict(seed=[1.5]), ValueError, "seed"),
+    (dict(seed=[1.5]), TypeError, "seed"),
     (dict(seed=[1], eta=0.5), ValueError, "seed"),
     (dict(seed=[1], sampler="euler_ancestral"), ValueError, "seed"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),

@@ -236,20 +236,26 @@ def test_torchrun_bad_data_is_one_line(data, tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".r.csv.partial", "bad"]
 
 
-def test_torchrun_one_rank_failing_mid_run_is_one_line(data, tmp_path):
-    """A rank's own error in the middle of its items (out of memory, say; here injected on rank 1) is one
-    line naming the rank; rank 0, waiting for it, leaves quietly and the run ends. (Before, any
-    RuntimeError under torchrun was taken for a failed peer and silenced: no rank said why.)"""
+@pytest.mark.parametrize("where", ["load", "item"])
+def test_torchrun_one_rank_failing_is_one_line(data, tmp_path, where):
+    """An error on one rank only, injected on rank 1: while the model loads ("no such GPU", say) or in
+    the middle of its items (out of memory). One line naming the rank, and the run ends. Before: any
+    RuntimeError under torchrun was taken for a failed peer and silenced, and an error at load time on a
+    rank other than 0 was taken for the same bad input on every rank: no rank said why."""
     inject = tmp_path / "inject.py"
     inject.write_text(
         "import os, sys\n"
-        "import sdlens.editbench.run as run\n"
-        "real = run.edit_item\n"
-        "def edit_item(*a, **k):\n"
-        "    if os.environ['RANK'] == '1':\n"
-        "        raise RuntimeError('injected failure\\nwith a second line')\n"
-        "    return real(*a, **k)\n"
-        "run.edit_item = edit_item\n"
+        "import sdlens.editbench.cli as cli, sdlens.editbench.run as run\n"
+        "def fail(real, kind):\n"
+        "    def f(*a, **k):\n"
+        "        if os.environ['RANK'] == '1':\n"
+        "            raise kind('injected failure\\nwith a second line')\n"
+        "        return real(*a, **k)\n"
+        "    return f\n"
+        f"if {where!r} == 'load':\n"
+        "    cli.load_model = fail(cli.load_model, ValueError)\n"
+        "else:\n"
+        "    run.edit_item = fail(run.edit_item, RuntimeError)\n"
         "from sdlens.__main__ import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),

@@ -152,7 +152,7 @@ def high_frequency_share(img: torch.Tensor) -> float:
     return (power[(fy ** 2 + fx ** 2).sqrt() > 0.25].sum() / power.sum()).item()
 
 
-@pytest.mark.xfail(strict=True, reason="measured false on sdlens-tiny: FreeU's high-frequency share lower in 5/12 "
+@pytest.mark.xfail(strict=True, reason="measured false on sdlens-tiny (20 steps; 5/12 again at the test's 10): FreeU's high-frequency share lower in 5/12 "
                    "pairs (mean 0.0206 vs 0.0227 plain); criterion >= 10/12")
 def test_claim_freeu_suppresses_high_frequencies(tiny):
     """Decisive run (criterion above, fixed first, 20 steps): FALSE on sdlens-tiny. FreeU's share is lower in 5 of

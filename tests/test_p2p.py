@@ -143,6 +143,7 @@ def test_store_records_the_edited_maps(sd):
     r = PromptToPrompt(sd, "a cat riding a bicycle", ["a dog riding a bicycle"], cross_replace_steps=1.0,
                        self_replace_steps=0.0, steps=3).run(**KW)
     for n in r.store.sums:
+        assert r.store.counts[n].item() == 3 and r.store.sums[n].abs().sum() > 0, n  # recorded at every step
         if sd.unet.hook_info(n).kind == "cross_attention":
             assert torch.equal(r.store.sums[n][1], r.store.sums[n][0]), n
 

@@ -147,7 +147,7 @@ def fails(img, colour, shape, pos):
     return not (r["color"] and r["shape"] and r["position"])
 
 
-@pytest.mark.xfail(strict=True, reason="measured false on sdlens-tiny: checker failures PAG 1/12, plain 1/12 "
+@pytest.mark.xfail(strict=True, reason="measured false on sdlens-tiny (20 steps; the same at the test's 10): checker failures PAG 1/12, plain 1/12 "
                    "(the same prompt, a pink star); criterion: strictly fewer")
 def test_claim_pag_lowers_the_failure_rate(tiny):
     """Decisive run (criterion above, fixed first, 20 steps): FALSE on sdlens-tiny. Both fail on the same one of

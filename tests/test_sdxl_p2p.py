@@ -70,6 +70,7 @@ def test_edit_injects_maps_and_store_keeps_the_deepest_level(sd):
     expect = {n for n in attention_probs(sd) if info(n).level == deepest}
     assert default_map_size(sd, (64, 64)) == (2, 2)
     assert set(both.store.sizes) == expect and set(both.store.sums) == expect
+    assert all(both.store.counts[n].item() == STEPS for n in expect)  # each recorded once per step
     assert set(both.store.sizes.values()) == {(2, 2)}
     assert {info(n).place for n in expect} == {"down", "mid", "up"}
     assert {info(n).transformer_block for n in expect} == {0, 1, 2}  # this model's 3-deep transformers
@@ -125,6 +126,7 @@ def test_low_memory_equals_one_batch(sdxl_fixture):
     torch.testing.assert_close(b.images, a.images, atol=1e-5, rtol=0)
     assert torch.equal(b.mask, a.mask)
     for n in a.store.sums:
+        assert a.store.counts[n].item() == b.store.counts[n].item() == STEPS and a.store.sums[n].abs().sum() > 0
         torch.testing.assert_close(b.store.sums[n], a.store.sums[n], atol=1e-9, rtol=0)
 
 
