@@ -170,6 +170,13 @@ def sdxl_fixture(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny():
+    """The bundled sdlens-tiny, one per test module (methods that patch the model stay within their module)."""
+    import sdlens
+    return sdlens.load()
+
+
+@pytest.fixture(scope="module")
 def tiny_pipe():
     """sdlens-tiny as a diffusers StableDiffusionPipeline (the reference side), one per test module: tests
     change its attention processors or enable FreeU on it, so no module sees another's."""

@@ -20,11 +20,6 @@ from sdlens.unet import SD1, SDXL, UNetModel
 TWO = "a red circle next to a blue square"  # tiny's own two-object caption form (tiny/scenes.py)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
-
-
 def noise(n=1, hw=16, seed=0):
     return torch.randn((n, 4, hw, hw), generator=torch.Generator().manual_seed(seed))
 

@@ -203,11 +203,6 @@ def test_folder_without_tokenizer_and_uppercase_pickle(sd1_fixture, tmp_path):
     assert "allow_pickle=True" in one_line(e)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
-
-
 @pytest.mark.parametrize("kwargs,error,name", [
     (dict(prompt=[]), ValueError, "prompt"),
     (dict(prompt=3), TypeError, "prompt"),

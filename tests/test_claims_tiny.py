@@ -10,7 +10,6 @@
 import random
 
 import numpy as np
-import pytest
 import torch
 
 import sdlens
@@ -20,11 +19,6 @@ from sdlens.editing.words import token_ids
 from sdlens.pipeline import to_tensor
 from sdlens.tiny.checker import check, mask_iou
 from sdlens.tiny.scenes import COLORS, SHAPES, render, scene_from
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
 
 
 def psnr(a, b):

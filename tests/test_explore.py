@@ -11,17 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import sdlens
 from sdlens.editing import AttentionStore, attention_maps
 from sdlens.explore import explore, page_bytes, read_page
 
 PROMPT = "a big red circle on the left"
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-import sdlens
 from sdlens.__main__ import main, parser
 from sdlens.editing import PromptToPrompt, invert_image, load_image
 from sdlens.editing.pnp import translate
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (12, 20), (15, 9)])

@@ -15,12 +15,6 @@ PROMPT = "a big red star on the left"
 SD15 = dict(b1=1.5, b2=1.6, s1=0.9, s2=0.2)  # ChenyangSi/FreeU README.md:161-173
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
-
-
-
 def with_freeu(pipe, values, **call):
     pipe.enable_freeu(**values)
     try:

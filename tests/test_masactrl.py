@@ -20,11 +20,6 @@ SRC, TGT = "a big red circle on the left", "a big star on the left"
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
-
-
 def noise(seed=0):
     return torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
 
@@ -136,7 +131,7 @@ def test_mask_guided_attention_is_the_official_formula(tiny):
     cross = tiny.unet.hook_names(kind="cross_attention", point="probs")
     pts = {p: {tiny.unet.hook_info(n).module: n for n in tiny.unet.hook_names(kind="self_attention", point=p)}
            for p in ("q", "k", "v", "out")}
-    order, maps = [], []
+    maps = []
 
     def keep_cross(p, hook):
         if p.shape[-2] == 256:

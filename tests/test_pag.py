@@ -13,12 +13,6 @@ from sdlens.editing.pag import identity, layer_selections, pag_generate
 PROMPTS = ["a big red star on the left", "a small blue circle at the top"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
-
-
-
 def reference(pipe, layers):
     from diffusers import StableDiffusionPAGPipeline
     pag = StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=layers)

@@ -8,16 +8,10 @@ import os
 import pytest
 import torch
 
-import sdlens
 from sdlens.editing.patch import Patch, apply, blend, copy, hooks, scale, select
 from sdlens.hooks import StepContext
 
 ROWS = {"source": [0], "target": [1, 2]}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
 
 
 def call(sd, patches, step, point, rows=ROWS, seed=0):

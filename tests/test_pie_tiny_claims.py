@@ -17,18 +17,12 @@ same per-image results (5/8). At 12 the second verdict flips (3/8), at 10 too.
 """
 import pytest
 
-import sdlens
 from sdlens.editbench.run import run_bench
 from sdlens.editbench.tiny import TinyMetrics, make_tiny
 
 METHODS = ["ddim+p2p", "null-text+p2p", "direct+p2p"]
 MARGIN_DB, AHEAD, SUCCESS = 3.0, 3, 0.5
 STEPS = 15
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
 
 
 @pytest.fixture(scope="module")

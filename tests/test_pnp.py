@@ -1,5 +1,4 @@
 """Plug-and-Play: exact injection behaviour, negative prompting, and the PCA feature views."""
-import sys
 
 import pytest
 import torch

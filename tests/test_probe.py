@@ -8,7 +8,6 @@
 """
 import csv
 import math
-import random
 
 import numpy as np
 import pytest
@@ -16,18 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import sdlens
 import sdlens.__main__ as main_cli
 import sdlens.features.cli as features_cli
-from sdlens.features.probe import (Probe, fit_probe, fit_ridge, miou, probe_names, probe_score, probe_sweep,
+from sdlens.features.probe import (Probe, fit_ridge, miou, probe_names, probe_score, probe_sweep,
                                    random_unet, sample_pixels)
 from sdlens.tiny.labels import CLASSES, label_map, labelled_scenes
-from sdlens.tiny.scenes import COLORS, SHAPES, SIZE, render, scene_from
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
+from sdlens.tiny.scenes import COLORS, SHAPES, SIZE, scene_from
 
 
 # --- the machinery, on known answers --------------------------------------------------------------

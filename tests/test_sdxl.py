@@ -2,7 +2,6 @@
 piece (context, pooled vector, time ids, the UNet with its added conditioning, the VAE), generate with
 and without a negative prompt, the turbo paths (trailing DDIM, Euler ancestral), single files in the
 sgm layout, and our own saved files read back by diffusers."""
-import numpy as np
 import pytest
 import torch
 

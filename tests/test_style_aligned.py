@@ -125,11 +125,6 @@ def with_own_unet(pipe):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
-
-
-@pytest.fixture(scope="module")
 def models(request, tiny, tiny_pipe):
     """(ours, diffusers pipeline with its own UNet, latent side) for "tiny", "sd1" or "sdxl"."""
     if request.param == "tiny":

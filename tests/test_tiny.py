@@ -15,11 +15,6 @@ from sdlens.weights.load import TINY_DIR
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "center": "left"}
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
-
-
 def test_default_model_is_bundled_and_small(tiny):
     assert isinstance(tiny, sdlens.StableDiffusion) and tiny.default_size == 64
     for root, _, files in os.walk(TINY_DIR):

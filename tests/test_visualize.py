@@ -7,14 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-import sdlens
 from sdlens.editing import attention_grid, attention_maps, cross_attention_grid
 from sdlens.visualize import heatmap_grid
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return sdlens.load()
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
